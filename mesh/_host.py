@@ -1,0 +1,103 @@
+"""The plugin host: ``mesh run REF`` runs one plugin instance in this process.
+
+Loads the plugin class (``module:Class`` or an entry point in group ``groundhog.plugins``),
+applies ``--config plugin.toml``, connects, and runs :class:`plugin_sdk.PluginRuntime` until
+SIGTERM/SIGINT or a control ``stop``; then drains, stops, cleans up and unregisters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from plugin_sdk import InitializationError, Plugin, PluginConfig, PluginRuntime, load_config_file
+
+from ._connect import close, connect
+
+__all__ = ["ENTRY_POINT_GROUP", "load_plugin_class", "resolve_config", "run_plugin"]
+
+ENTRY_POINT_GROUP = "groundhog.plugins"
+
+log = logging.getLogger("mesh.host")
+
+
+def load_plugin_class(ref: str) -> type[Plugin]:
+    """``module:Class`` or an entry-point name → the Plugin subclass; InitializationError otherwise."""
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        # Like `python -m`: plugins in the working directory are importable.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise InitializationError(f"cannot load {ref!r}: no module named {exc.name!r}") from None
+        except Exception as exc:  # the plugin module itself failed to import: re-raised, typed
+            raise InitializationError(f"cannot load {ref!r}: importing {module_name} raised "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        obj = module
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise InitializationError(f"cannot load {ref!r}: {module_name} has no attribute {attr!r}") from None
+    else:
+        eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        if ref not in eps:
+            known = ", ".join(sorted(eps)) or "none installed"
+            raise InitializationError(f"no plugin {ref!r}: not module:Class, and no entry point of that name "
+                                      f"in group {ENTRY_POINT_GROUP!r} (known: {known})")
+        try:
+            obj = eps[ref].load()
+        except Exception as exc:  # the entry point's module failed to import: re-raised, typed
+            raise InitializationError(f"cannot load entry point {ref!r} ({eps[ref].value}): "
+                                      f"{type(exc).__name__}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, Plugin)):
+        raise InitializationError(f"{ref!r} is not a plugin_sdk.Plugin subclass")
+    return obj
+
+
+def resolve_config(cls: type[Plugin], config_path: str | Path | None) -> PluginConfig:
+    base = cls.default_config()
+    return load_config_file(config_path, base=base) if config_path else base
+
+
+async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str | None = None,
+                     prefix: str = "mesh", heartbeat_interval: float = 2.0, connect_wait: float = 10.0,
+                     ready: asyncio.Event | None = None) -> int:
+    """Run one instance until asked to stop. Returns the process exit code (0 clean, 1 not)."""
+    cls = load_plugin_class(ref)
+    config = resolve_config(cls, config_path)
+    plugin = cls()
+    nc = await connect(nats_url, name=f"plugin {config.name}", wait=connect_wait)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval)
+        await runtime.start()
+        log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
+        if ready is not None:
+            ready.set()
+        requested = asyncio.create_task(runtime.stop_requested.wait())
+        signalled = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({requested, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (requested, signalled):
+                t.cancel()
+            await asyncio.gather(requested, signalled, return_exceptions=True)
+        log.info("stopping %s", runtime.instance_id)
+        ok = await runtime.stop()
+        return 0 if ok else 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await close(nc)

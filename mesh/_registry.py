@@ -1,0 +1,269 @@
+"""The registry service: the ``PluginRegistry`` API over NATS, all data in JetStream KV.
+
+Stateless by design: every replica keeps a read cache fed by a KV watcher, writes go to the
+bucket, and requests arrive through the queue group ``registry``, so any number of replicas can
+run and a restart loses nothing. Health is computed when read, from the time of the last
+heartbeat: an instance that missed ``missed_beats`` beats is ``unhealthy``; one silent for
+``expire_after`` seconds is forgotten.
+
+Bucket ``<prefix>_registry``:
+  ``instances.<instance-id>`` → PluginInfo JSON (``last_seen`` = registry clock at the last beat)
+  ``versions.<name>``         → {version: VersionRecord} for every version ever registered
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from plugin_sdk import Health, InvalidMessage, PluginInfo, UnknownOperation, VersionRecord
+from plugin_sdk._message import ErrorInfo
+from plugin_sdk._state import open_bucket
+from plugin_sdk._wire import Subjects, dumps, error_reply, loads, success_reply
+
+__all__ = ["RegistryService"]
+
+log = logging.getLogger("mesh.registry")
+
+QUEUE = "registry"
+
+
+class RegistryService:
+    """Serve the registry API for one mesh prefix on ``nc``. ``async with`` or start/stop."""
+
+    def __init__(self, nc: NATS, *, prefix: str = "mesh", missed_beats: float = 3.0,
+                 expire_after: float = 60.0, sweep_interval: float = 1.0) -> None:
+        self.nc = nc
+        self.subjects = Subjects(prefix)
+        self.missed_beats = missed_beats
+        self.expire_after = expire_after
+        self.sweep_interval = sweep_interval
+        self._kv: KeyValue | None = None
+        self._instances: dict[str, tuple[PluginInfo, int]] = {}  # id → (info, KV revision)
+        self._versions: dict[str, dict[str, VersionRecord]] = {}
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+
+    async def __aenter__(self) -> RegistryService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._kv = await open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
+                                     description="groundhog mesh registry")
+        self._tasks.append(asyncio.create_task(self._watch(), name="registry watcher"))
+        await self._ready.wait()
+        handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "register": self._register, "unregister": self._unregister, "get": self._get,
+            "list": self._list, "versions": self._list_versions,
+        }
+        for verb, fn in handlers.items():
+            self._subs.append(await self.nc.subscribe(self.subjects.registry(verb), queue=QUEUE,
+                                                      cb=self._serve(verb, fn)))
+        self._subs.append(await self.nc.subscribe(self.subjects.registry("heartbeat"), queue=QUEUE,
+                                                  cb=self._on_heartbeat))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="registry sweeper"))
+        log.info("registry serving %s.registry.* (bucket %s)", self.subjects.prefix, self.subjects.registry_bucket)
+
+    async def stop(self) -> None:
+        """Stop serving; safe to call twice."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.drain()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- the cache ---------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        assert self._kv is not None
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values are all in
+                    self._ready.set()
+                    continue
+                self._apply(entry.key, entry.value, entry.revision or 0, entry.operation)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await watcher.stop()
+
+    def _apply(self, key: str, value: bytes | None, revision: int, operation: str | None) -> None:
+        kind, _, ident = key.partition(".")
+        deleted = operation in ("DEL", "PURGE")
+        try:
+            if kind == "instances":
+                if deleted:
+                    self._instances.pop(ident, None)
+                else:
+                    self._instances[ident] = (PluginInfo.model_validate_json(value or b"{}"), revision)
+            elif kind == "versions":
+                if deleted:
+                    self._versions.pop(ident, None)
+                else:
+                    raw = loads(value or b"")
+                    self._versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
+        except (ValidationError, InvalidMessage, AttributeError) as exc:
+            log.warning("ignored a malformed registry entry %s: %s", key, exc)
+
+    def _current(self, info: PluginInfo, now: float) -> PluginInfo:
+        if info.health in (Health.STOPPING, Health.STARTING):
+            return info
+        limit = self.missed_beats * info.heartbeat_interval + 0.5
+        health = Health.HEALTHY if now - info.last_seen <= limit else Health.UNHEALTHY
+        return info if health == info.health else info.model_copy(update={"health": health})
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def _put_instance(self, info: PluginInfo) -> None:
+        assert self._kv is not None
+        info = info.model_copy(update={"last_seen": time.time()})
+        rev = await self._kv.put(f"instances.{info.id}", dumps(info.model_dump(mode="json")))
+        self._instances[info.id] = (info, rev)
+
+    async def _record_version(self, info: PluginInfo) -> None:
+        assert self._kv is not None
+        key = f"versions.{info.name}"
+        for _ in range(10):  # compare-and-set loop: replicas may record at the same time
+            try:
+                entry = await self._kv.get(key)
+                records = loads(entry.value or b"") or {}
+                revision = entry.revision or 0
+            except nats.js.errors.KeyNotFoundError:
+                records, revision = {}, 0
+            now = time.time()
+            rec = records.get(info.version) or {"name": info.name, "version": info.version, "first_seen": now}
+            rec.update(last_seen=now, capabilities=info.capabilities,
+                       instances_seen=int(rec.get("instances_seen", 0)) + 1)
+            records[info.version] = rec
+            try:
+                if revision:
+                    await self._kv.update(key, dumps(records), last=revision)
+                else:
+                    await self._kv.create(key, dumps(records))
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        log.warning("gave up recording version %s %s after 10 conflicting writes", info.name, info.version)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _serve(self, verb: str, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
+        async def handler(msg: Msg) -> None:
+            try:
+                result = await fn(loads(msg.data, what=f"registry {verb} request"))
+                body, headers = success_reply(result, message_id="", instance="registry")
+            except (InvalidMessage, ValidationError, UnknownOperation, nats.errors.Error) as exc:
+                # A bad request or a JetStream failure becomes the caller's typed error.
+                log.info("registry %s failed: %s: %s", verb, type(exc).__name__, exc)
+                err = InvalidMessage(f"registry {verb}: {exc}") if isinstance(exc, ValidationError) else exc
+                body, headers = error_reply(ErrorInfo.from_exception(err, plugin="registry"), message_id="",
+                                            instance="registry")
+            if msg.reply:
+                await self.nc.publish(msg.reply, body, headers=headers)
+
+        return handler
+
+    async def _register(self, body: Any) -> bool:
+        info = PluginInfo.model_validate(body)
+        await self._put_instance(info)
+        await self._record_version(info)
+        log.info("registered %s (%s %s)", info.id, info.name, info.version)
+        return True
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            info = PluginInfo.model_validate_json(msg.data)
+            known = info.id in self._instances
+            await self._put_instance(info)
+            if not known:  # first sight (registry was down at registration, or forgot it)
+                await self._record_version(info)
+        except (ValidationError, nats.errors.Error) as exc:  # a heartbeat has no reply: log and go on
+            log.warning("heartbeat ignored: %s: %s", type(exc).__name__, exc)
+
+    async def _unregister(self, body: Any) -> bool:
+        assert self._kv is not None
+        ident = _str_field(body, "id")
+        known = self._instances.pop(ident, None) is not None
+        await self._kv.delete(f"instances.{ident}")
+        log.info("unregistered %s", ident)
+        return known
+
+    async def _get(self, body: Any) -> Any:
+        key = _str_field(body, "key")
+        now = time.time()
+        if key in self._instances:
+            return self._current(self._instances[key][0], now).model_dump(mode="json")
+        candidates = [self._current(i, now) for i, _ in self._instances.values() if i.name == key]
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda i: (i.health == Health.HEALTHY, i.started_at))
+        return best.model_dump(mode="json")
+
+    async def _list(self, body: Any) -> list[Any]:
+        body = body or {}
+        name = body.get("name") if isinstance(body, dict) else None
+        healthy_only = bool(body.get("healthy_only")) if isinstance(body, dict) else False
+        now = time.time()
+        out = []
+        for info, _ in sorted(self._instances.values(), key=lambda p: (p[0].name, p[0].started_at)):
+            if name and info.name != name:
+                continue
+            info = self._current(info, now)
+            if healthy_only and info.health != Health.HEALTHY:
+                continue
+            out.append(info.model_dump(mode="json"))
+        return out
+
+    async def _list_versions(self, body: Any) -> list[Any]:
+        name = body.get("name") if isinstance(body, dict) else None
+        out = []
+        for plugin, records in sorted(self._versions.items()):
+            if name and plugin != name:
+                continue
+            out += [r.model_dump(mode="json") for r in sorted(records.values(), key=lambda r: r.first_seen)]
+        return out
+
+    async def _sweep(self) -> None:
+        """Forget instances silent for ``expire_after`` seconds (only if unchanged since we looked)."""
+        assert self._kv is not None
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = time.time()
+            for ident, (info, rev) in list(self._instances.items()):
+                if now - info.last_seen > self.expire_after:
+                    try:
+                        await self._kv.delete(f"instances.{ident}", last=rev)
+                        self._instances.pop(ident, None)
+                        log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
+                    except nats.js.errors.APIError:
+                        pass  # it beat meanwhile (revision moved on), or another replica deleted it
+                    except nats.errors.Error as exc:
+                        log.debug("sweep deferred: %s", exc)
+
+
+def _str_field(body: Any, field: str) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get(field), str):
+        raise InvalidMessage(f"request body must be a JSON object with a string {field!r}")
+    return str(body[field])

@@ -1,0 +1,439 @@
+"""The ``mesh`` command line. Thin: parse, call the library, print.
+
+User errors print one line on stderr (``error: <what>``) and exit 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import nats.errors
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from plugin_sdk import (
+    Health,
+    MessageKind,
+    PluginError,
+    PluginMessaging,
+    PluginRegistry,
+    StateStore,
+)
+from plugin_sdk._state import open_bucket
+from plugin_sdk._wire import Subjects, check_event_type
+
+from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
+from ._natsd import NatsServerError
+
+T = TypeVar("T")
+
+app = typer.Typer(name="mesh", help="groundhog: a distributed plugin mesh over NATS.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+state_app = typer.Typer(help="Read and write a plugin's persisted state (JetStream KV).", no_args_is_help=True)
+app.add_typer(state_app, name="state")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL [env MESH_NATS_URL; default {DEFAULT_URL}]",
+                                             show_default=False)]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh [env MESH_PREFIX; "
+                                               "default mesh]", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
+
+
+class UserError(Exception):
+    """A mistake in what the user typed; printed as one line."""
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine, turning every expected failure into one clear line."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except PluginError as exc:
+        where = f" (plugin {exc.plugin})" if exc.plugin and exc.plugin not in str(exc) else ""
+        raise _fail(f"{type(exc).__name__}: {exc}{where}") from None
+    except (UserError, NatsServerError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    except nats.errors.Error as exc:
+        raise _fail(f"NATS: {type(exc).__name__}: {exc}") from None
+
+
+def _payload(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    if raw == "-":
+        raw = sys.stdin.read()
+    elif raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _fail(f"cannot read payload file {raw[1:]}: {exc.strerror}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                    f"{raw[:80]!r}") from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+async def _with_nc(nats_url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    nc = await connect(nats_url or default_url(), name="mesh cli")
+    try:
+        return await fn(nc)
+    finally:
+        await close(nc)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("MESH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _prefix(p: str | None) -> str:
+    prefix = p or default_prefix()
+    Subjects(prefix)  # validates
+    return prefix
+
+
+# --------------------------------------------------------------------------------------------
+# Running things
+
+@app.command()
+def up(
+    nats_url: Annotated[str | None, typer.Option("--nats", envvar="MESH_NATS_URL",
+                                                 help="Use this NATS server instead of starting one.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    data_dir: Annotated[Path, typer.Option(help="JetStream storage of the embedded server.")] = Path(".mesh"),
+    file: Annotated[Path, typer.Option("--file", "-f", help="Plugins to run.")] = Path("mesh.toml"),
+) -> None:
+    """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all."""
+    from ._up import run_up
+
+    _setup_logging()
+    mesh_file = file if file.exists() else None
+    if mesh_file is None and file != Path("mesh.toml"):
+        raise _fail(f"{file}: no such file")
+
+    def say(line: str) -> None:
+        err.print(f"[green]mesh[/green] {line}", highlight=False)
+
+    try:
+        code = run_up(nats_url=nats_url, port=port, data_dir=data_dir.resolve(), mesh_file=mesh_file, say=say)
+    except KeyboardInterrupt:
+        code = 130
+    except (PluginError, NatsServerError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    ref: Annotated[str, typer.Argument(help="module:Class, or an entry-point name in group groundhog.plugins.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="plugin.toml overriding the class's "
+                                                "declaration.")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    heartbeat_interval: Annotated[float, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
+                                                      help="Seconds between heartbeats.")] = 2.0,
+) -> None:
+    """Run one plugin instance in this process, joined to the mesh, until SIGTERM/SIGINT."""
+    from ._host import run_plugin
+
+    _setup_logging()
+    code = _run(run_plugin(ref, config_path=str(config) if config else None, nats_url=nats_url,
+                           prefix=_prefix(prefix), heartbeat_interval=heartbeat_interval))
+    raise typer.Exit(code)
+
+
+@app.command()
+def registry(
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    missed_beats: Annotated[float, typer.Option(help="Missed heartbeats before an instance is unhealthy.")] = 3,
+    expire_after: Annotated[float, typer.Option(help="Seconds of silence before an instance is forgotten.")] = 60,
+) -> None:
+    """Run a registry replica (any number may run; all data lives in JetStream KV)."""
+    from ._registry import RegistryService
+
+    _setup_logging()
+
+    async def main() -> int:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
+        try:
+            async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
+                                       expire_after=expire_after):
+                await stop.wait()
+        finally:
+            await close(nc)
+        return 0
+
+    raise typer.Exit(_run(main()))
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at things
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+_HEALTH_STYLE = {Health.HEALTHY: "green", Health.UNHEALTHY: "red", Health.STARTING: "yellow",
+                 Health.STOPPING: "yellow"}
+
+
+@app.command("ls")
+def ls(
+    name: Annotated[str | None, typer.Argument(help="Only instances of this plugin.")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List plugin instances: name, version, instance, health, uptime, host."""
+    infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_plugins(name)))
+    if as_json:
+        _print_json([i.model_dump(mode="json") | {"uptime": round(i.uptime, 3)} for i in infos])
+        return
+    if not infos:
+        err.print("no plugin instances registered" + (f" named {name!r}" if name else ""))
+        return
+    table = Table("name", "version", "instance", "health", "uptime", "host")
+    for i in infos:
+        style = _HEALTH_STYLE.get(i.health, "")
+        table.add_row(i.name, i.version, i.id, f"[{style}]{i.health.value}[/{style}]", _age(i.uptime),
+                      f"{i.host}:{i.pid}")
+    out.print(table)
+
+
+@app.command()
+def versions(
+    name: Annotated[str | None, typer.Argument(help="Only this plugin.")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every version of every plugin the registry has seen."""
+    records = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_versions(name)))
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in records])
+        return
+    table = Table("name", "version", "first seen", "last seen", "instances", "capabilities")
+    for r in records:
+        table.add_row(r.name, r.version, _when(r.first_seen), _when(r.last_seen), str(r.instances_seen),
+                      ", ".join(r.capabilities))
+    out.print(table)
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --------------------------------------------------------------------------------------------
+# Talking to plugins
+
+@app.command()
+def send(
+    target: Annotated[str, typer.Argument(help="Plugin name (any instance) or name.instance.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON payload; '-' reads stdin, @file reads a file.")] = None,
+    op: Annotated[str | None, typer.Option("--op", help="Operation (handler) name.")] = None,
+    query_: Annotated[bool, typer.Option("--query", help="Send as a query rather than a command.")] = False,
+    timeout: TimeoutOpt = 5.0,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Send a message to a plugin and print its result as JSON."""
+    body = _payload(payload)
+
+    async def main(nc: Any) -> Any:
+        messaging = PluginMessaging(nc, prefix=_prefix(prefix), source="cli")
+        kind = MessageKind.QUERY if query_ else MessageKind.COMMAND
+        return (await messaging.send_message(target, body, timeout=timeout, operation=op, kind=kind)).result
+
+    _print_json(_run(_with_nc(nats_url, main)))
+
+
+@app.command()
+def broadcast(
+    payload: Annotated[str | None, typer.Argument(help="JSON payload.")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Only instances of this plugin.")] = None,
+    op: Annotated[str | None, typer.Option("--op", help="Operation (handler) name.")] = None,
+    timeout: TimeoutOpt = 2.0,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send to every live instance and print each reply, and who did not answer."""
+    body = _payload(payload)
+
+    async def main(nc: Any) -> Any:
+        messaging = PluginMessaging(nc, prefix=_prefix(prefix), source="cli")
+        return await messaging.broadcast_message(body, target=to, timeout=timeout, operation=op)
+
+    result = _run(_with_nc(nats_url, main))
+    replies = [{"instance": r.source, "result": r.result,
+                "error": r.error.model_dump() if r.error else None} for r in result.responses]
+    if as_json:
+        _print_json({"replies": replies, "missing": result.missing})
+        return
+    for r in replies:
+        _print_json(r)
+    if result.missing:
+        err.print(f"no reply within {timeout:g}s from: {', '.join(result.missing)}")
+    if not result.expected_known:
+        err.print("registry unavailable: gathered replies until the timeout")
+    err.print(f"{len(replies)} replied, {len(result.missing)} missing")
+    if result.missing:
+        raise typer.Exit(1)
+
+
+@app.command()
+def events(
+    pattern: Annotated[str, typer.Argument(help="Event type or pattern: orders.created, orders.*, orders.>")] = ">",
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Exit after N events.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.001,
+                                                  help="Exit (code 1) if no event arrives for this long.")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Stream events as they happen, one JSON line each."""
+    check_pattern(pattern)
+
+    async def main(nc: Any) -> int:
+        messaging = PluginMessaging(nc, prefix=_prefix(prefix), source="cli")
+        seen = 0
+        async with await messaging.subscribe_to_events(pattern) as sub:
+            err.print(f"listening for {pattern!r}", highlight=False)
+            while count is None or seen < count:
+                try:
+                    event = await sub.next(timeout=timeout)
+                except TimeoutError:
+                    raise UserError(f"no event matching {pattern!r} within {timeout:g}s") from None
+                _print_json({"type": event.target, "id": event.id, "source": event.source,
+                             "payload": event.payload, "metadata": event.metadata})
+                seen += 1
+        return 0
+
+    raise typer.Exit(_run(_with_nc(nats_url, main)))
+
+
+def check_pattern(pattern: str) -> None:
+    try:
+        check_event_type(pattern, pattern=True)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def publish(
+    event_type: Annotated[str, typer.Argument(help="Event type, e.g. orders.created.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON payload.")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Publish an event."""
+    body = _payload(payload)
+
+    async def main(nc: Any) -> None:
+        await PluginMessaging(nc, prefix=_prefix(prefix), source="cli").publish_event(event_type, body)
+        await nc.flush()
+
+    _run(_with_nc(nats_url, main))
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+async def _store(nc: Any, plugin: str, prefix: str | None, *, create: bool = False) -> StateStore:
+    import nats.js.errors
+
+    bucket = Subjects(_prefix(prefix)).state_bucket(plugin)
+    try:
+        kv = await open_bucket(nc.jetstream(), bucket, create=create)
+    except nats.js.errors.BucketNotFoundError:
+        raise UserError(f"plugin {plugin!r} has no state (no KV bucket {bucket})") from None
+    return StateStore(kv, plugin=plugin)
+
+
+@state_app.command("get")
+def state_get(plugin: str, key: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None,
+              revision: Annotated[bool, typer.Option("--revision", help="Print {value, revision}.")] = False) -> None:
+    """Print the JSON value of KEY in PLUGIN's state."""
+
+    async def main(nc: Any) -> Any:
+        entry = await (await _store(nc, plugin, prefix)).get_entry(key)
+        if entry is None:
+            raise UserError(f"plugin {plugin!r} has no state key {key!r}")
+        return {"value": entry.value, "revision": entry.revision} if revision else entry.value
+
+    _print_json(_run(_with_nc(nats_url, main)))
+
+
+@state_app.command("put")
+def state_put(plugin: str, key: str, value: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) -> None:
+    """Set KEY in PLUGIN's state to a JSON VALUE; prints the new revision."""
+    body = _payload(value)
+
+    async def main(nc: Any) -> int:
+        return await (await _store(nc, plugin, prefix, create=True)).put(key, body)
+
+    _print_json({"revision": _run(_with_nc(nats_url, main))})
+
+
+@state_app.command("delete")
+def state_delete(plugin: str, key: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) -> None:
+    """Delete KEY from PLUGIN's state."""
+
+    async def main(nc: Any) -> None:
+        await (await _store(nc, plugin, prefix)).delete(key)
+
+    _run(_with_nc(nats_url, main))
+
+
+@state_app.command("keys")
+def state_keys(plugin: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) -> None:
+    """List the keys of PLUGIN's state."""
+
+    async def main(nc: Any) -> list[str]:
+        return await (await _store(nc, plugin, prefix)).keys()
+
+    _print_json(_run(_with_nc(nats_url, main)))
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

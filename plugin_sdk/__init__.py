@@ -1,0 +1,83 @@
+"""plugin_sdk: what plugin authors import to write a groundhog mesh plugin.
+
+It never imports ``mesh``; everything a plugin process needs to join the mesh is here.
+"""
+
+from ._config import Dependency, Permissions, PluginConfig, load_config_file
+from ._context import PluginContext, PluginMetrics, RuntimeInfo
+from ._errors import (
+    CommunicationError,
+    ConfigError,
+    ConnectionFailed,
+    DependencyError,
+    HandlerError,
+    InitializationError,
+    InvalidMessage,
+    PayloadTooLarge,
+    PermissionDenied,
+    PluginError,
+    PluginNotFound,
+    ProtocolMismatch,
+    RequestTimeout,
+    ResourceError,
+    StateConflict,
+    StateError,
+    UnknownOperation,
+)
+from ._message import BroadcastResult, ErrorInfo, Health, Message, MessageKind, PluginInfo, Response
+from ._messaging import EventSubscription, PluginMessaging
+from ._plugin import Plugin, PluginState, command, on_event, query
+from ._registry import PluginRegistry, VersionRecord
+from ._runtime import PluginRuntime
+from ._state import StateEntry, StateStore
+from ._wire import PROTOCOL_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BroadcastResult",
+    "CommunicationError",
+    "ConfigError",
+    "ConnectionFailed",
+    "Dependency",
+    "DependencyError",
+    "ErrorInfo",
+    "EventSubscription",
+    "HandlerError",
+    "Health",
+    "InitializationError",
+    "InvalidMessage",
+    "Message",
+    "MessageKind",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "Permissions",
+    "Plugin",
+    "PluginConfig",
+    "PluginContext",
+    "PluginError",
+    "PluginInfo",
+    "PluginMessaging",
+    "PluginMetrics",
+    "PluginNotFound",
+    "PluginRegistry",
+    "PluginRuntime",
+    "PluginState",
+    "ProtocolMismatch",
+    "RequestTimeout",
+    "ResourceError",
+    "Response",
+    "RuntimeInfo",
+    "StateConflict",
+    "StateEntry",
+    "StateError",
+    "StateStore",
+    "UnknownOperation",
+    "VersionRecord",
+    "__version__",
+    "command",
+    "load_config_file",
+    "on_event",
+    "query",
+]

@@ -1,0 +1,162 @@
+"""The data that travels: :class:`Message`, :class:`Response`, :class:`PluginInfo`."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._config import Dependency
+from ._errors import HandlerError, PluginError, error_class
+
+__all__ = [
+    "BroadcastResult",
+    "ErrorInfo",
+    "Health",
+    "Message",
+    "MessageKind",
+    "PluginInfo",
+    "Response",
+    "new_id",
+]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class MessageKind(enum.StrEnum):
+    """What a message asks for (the specification's Command / Query / Event)."""
+
+    COMMAND = "command"  # do something; may change state
+    QUERY = "query"  # answer something; changes nothing
+    EVENT = "event"  # something happened; nobody replies
+
+
+class Message(BaseModel):
+    """One message between plugins.
+
+    ``payload`` is the JSON body; the rest travels in NATS headers. ``target`` is a plugin name,
+    ``name.instance`` for one instance, or an event type for events. ``operation`` selects a
+    handler when the plugin routes by name (``@command("increment")``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=new_id)
+    source: str = ""
+    target: str = ""
+    payload: Any = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    kind: MessageKind = MessageKind.COMMAND
+    operation: str | None = None
+    #: The sending instance, when the sender is a plugin instance.
+    source_instance: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    """A failure as it travels back to the caller."""
+
+    type: str
+    message: str
+    code: int = 500
+    plugin: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, plugin: str | None = None) -> ErrorInfo:
+        if isinstance(exc, PluginError):
+            return cls(type=type(exc).__name__, message=exc.message, code=exc.code,
+                       plugin=exc.plugin or plugin)
+        return cls(type=type(exc).__name__, message=str(exc) or type(exc).__name__, code=500, plugin=plugin)
+
+    def to_exception(self, *, subject: str | None = None) -> PluginError:
+        """The typed error to raise on the caller's side."""
+        cls = error_class(self.type)
+        if cls is not None and cls is not HandlerError:
+            try:
+                return cls(self.message, plugin=self.plugin, subject=subject)
+            except TypeError:  # a plugin-defined subclass with its own signature
+                pass
+        return HandlerError(f"{self.type}: {self.message}", remote_type=self.type,
+                            plugin=self.plugin, subject=subject)
+
+
+class Response(BaseModel):
+    """The answer to a message: a ``result`` on success, an ``error`` otherwise."""
+
+    message_id: str = ""
+    result: Any = None
+    error: ErrorInfo | None = None
+    #: Which plugin instance answered.
+    source: str | None = None
+    #: Extra reply metadata (headers the handler set).
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    def is_success(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> Response:
+        """Raise the typed :class:`PluginError` this response carries; return self on success."""
+        if self.error is not None:
+            raise self.error.to_exception()
+        return self
+
+
+class Health(enum.StrEnum):
+    HEALTHY = "healthy"  # heartbeats arrive on time
+    UNHEALTHY = "unhealthy"  # heartbeats missed; the process may be dead or stuck
+    STARTING = "starting"  # registered, not yet serving
+    STOPPING = "stopping"  # draining before a clean exit
+
+
+class PluginInfo(BaseModel):
+    """One running plugin instance, as the registry knows it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    name: str
+    version: str
+    description: str = ""
+    capabilities: list[str] = Field(default_factory=list)
+    dependencies: list[Dependency] = Field(default_factory=list)
+    health: Health = Health.HEALTHY
+    host: str = ""
+    pid: int = 0
+    protocol: str = "1"
+    started_at: float = Field(default_factory=time.time)
+    #: When the registry last heard from the instance (registry clock, seconds since the epoch).
+    last_seen: float = 0.0
+    heartbeat_interval: float = 2.0
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, time.time() - self.started_at)
+
+
+@dataclass
+class BroadcastResult:
+    """What a broadcast gathered: every reply, and the instances that did not answer in time.
+
+    Iterates, indexes and counts like the list of :class:`Response` the specification returns.
+    """
+
+    responses: list[Response] = field(default_factory=list)
+    #: Instance ids the registry listed as live that did not reply before the timeout.
+    missing: list[str] = field(default_factory=list)
+    #: Whether the expected set of instances was known (the registry answered).
+    expected_known: bool = True
+
+    def __iter__(self) -> Iterator[Response]:
+        return iter(self.responses)
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def __getitem__(self, i: int) -> Response:
+        return self.responses[i]

@@ -1,0 +1,253 @@
+"""``PluginMessaging``: send, broadcast, publish and subscribe on the mesh."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ._config import Permissions
+from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied
+from ._message import BroadcastResult, Message, MessageKind, Response
+from ._registry import PluginRegistry
+from ._wire import (
+    Subjects,
+    check_event_type,
+    dumps,
+    message_from_msg,
+    request,
+    request_headers,
+    response_from_msg,
+)
+
+__all__ = ["EventSubscription", "PluginMessaging", "subject_matches"]
+
+log = logging.getLogger("plugin_sdk.messaging")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, a final ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+class EventSubscription:
+    """An async iterator of events (``Message`` of kind event); close it, or use ``async with``."""
+
+    def __init__(self, sub: Subscription, subjects: Subjects, pattern: str,
+                 owner: set[EventSubscription]) -> None:
+        self._sub = sub
+        self._subjects = subjects
+        self.pattern = pattern
+        self._owner = owner
+        owner.add(self)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        try:
+            async for msg in self._sub.messages:
+                event = _event_from_msg(msg, self._subjects)
+                if event is not None:
+                    yield event
+        except nats.errors.ConnectionClosedError:
+            return
+
+    async def next(self, *, timeout: float | None = None) -> Message:
+        """The next event; raises ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                msg = await self._sub.next_msg(timeout=remaining)
+            except nats.errors.TimeoutError:
+                raise TimeoutError(f"no event on {self.pattern!r} within {timeout}s") from None
+            event = _event_from_msg(msg, self._subjects)
+            if event is not None:
+                return event
+
+    async def close(self) -> None:
+        """Unsubscribe; safe to call twice."""
+        if self in self._owner:
+            self._owner.discard(self)
+            try:
+                await self._sub.unsubscribe()
+            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+                pass  # already gone with the connection
+
+    async def __aenter__(self) -> EventSubscription:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def _event_from_msg(msg: Msg, subjects: Subjects) -> Message | None:
+    event_type = subjects.event_type(msg.subject)
+    try:
+        event = message_from_msg(msg, target=event_type)
+    except InvalidMessage as exc:
+        log.warning("dropped malformed event on %s: %s", msg.subject, exc)
+        return None
+    event.kind = MessageKind.EVENT
+    return event
+
+
+class PluginMessaging:
+    """Messaging for one mesh participant (a plugin instance, or a client such as the CLI)."""
+
+    def __init__(self, nc: NATS, *, prefix: str = "mesh", source: str = "client",
+                 source_instance: str | None = None, permissions: Permissions | None = None,
+                 registry: PluginRegistry | None = None, default_timeout: float = 5.0) -> None:
+        self._nc = nc
+        self.subjects = Subjects(prefix)
+        self._source = source
+        self._instance = source_instance
+        self._perms = permissions
+        self._registry = registry or PluginRegistry(nc, prefix=prefix)
+        self._timeout = default_timeout
+        self._subscriptions: set[EventSubscription] = set()
+
+    def _message(self, target: str, message_or_payload: Any, kind: MessageKind | None,
+                 operation: str | None, metadata: dict[str, str] | None) -> Message:
+        if isinstance(message_or_payload, Message):
+            msg = message_or_payload.model_copy()
+            if kind is not None:
+                msg.kind = kind
+            if operation is not None:
+                msg.operation = operation
+            if metadata:
+                msg.metadata = {**msg.metadata, **metadata}
+        else:
+            msg = Message(payload=message_or_payload, kind=kind or MessageKind.COMMAND, operation=operation,
+                          metadata=metadata or {})
+        msg.source = self._source
+        msg.source_instance = self._instance
+        msg.target = target
+        return msg
+
+    def _allow(self, rule: str, patterns: list[str] | None, subject: str) -> None:
+        if patterns is not None and not any(subject_matches(p, subject) for p in patterns):
+            raise PermissionDenied(f"{self._source} may not {rule} {subject!r} (permissions.{rule} = {patterns})",
+                                   plugin=self._source)
+
+    async def send_message(self, target: str, message_or_payload: Any = None, *, timeout: float | None = None,
+                           operation: str | None = None, kind: MessageKind | None = None,
+                           metadata: dict[str, str] | None = None, raise_on_error: bool = True) -> Response:
+        """Send to ``target`` (a plugin name, load-balanced, or ``name.instance``) and await the reply.
+
+        Raises :class:`PluginNotFound`, :class:`RequestTimeout`, :class:`PayloadTooLarge`, or — with
+        ``raise_on_error`` (the default) — the remote handler's typed error.
+        """
+        self._allow("send", self._perms.send if self._perms else None, target)
+        msg = self._message(target, message_or_payload, kind, operation, metadata)
+        t = timeout if timeout is not None else self._timeout
+        subject = self.subjects.target(target)
+        reply = await request(self._nc, subject, self._encode(msg, subject), headers=request_headers(msg, timeout=t),
+                              timeout=t, plugin=target)
+        response = response_from_msg(reply, message_id=msg.id)
+        if raise_on_error and response.error is not None:
+            raise response.error.to_exception(subject=subject)
+        return response
+
+    async def broadcast_message(self, message_or_payload: Any = None, *, target: str | None = None,
+                                timeout: float = 2.0, operation: str | None = None,
+                                metadata: dict[str, str] | None = None) -> BroadcastResult:
+        """Send to every live instance (of ``target``, or of every plugin) and gather the replies.
+
+        Returns as soon as every instance the registry lists as healthy has answered, else at
+        ``timeout`` with what came and ``missing`` naming the silent instances. Error replies are
+        included as responses with ``.error`` set; nothing raises for one instance's failure.
+        """
+        self._allow("send", self._perms.send if self._perms else None, target or "*")
+        msg = self._message(target or "*", message_or_payload, None, operation, metadata)
+        subject = self.subjects.broadcast_to(target) if target else self.subjects.broadcast
+        body = self._encode(msg, subject)
+        deadline = time.monotonic() + timeout
+        expected: set[str] | None
+        try:
+            infos = await self._registry.list_plugins(target, healthy_only=True, timeout=min(1.0, timeout / 2))
+            expected = {i.id for i in infos if i.id != self._instance}
+        except CommunicationError as exc:
+            log.warning("broadcast without the registry (%s): gathering until the timeout", exc)
+            expected = None
+        result = BroadcastResult(expected_known=expected is not None)
+        if expected is not None and not expected:
+            return result
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        try:
+            await self._nc.publish(subject, body, reply=inbox, headers=request_headers(msg, timeout=timeout))
+            seen: set[str] = set()
+            while expected is None or not expected <= seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    reply = await sub.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    break
+                try:
+                    response = response_from_msg(reply, message_id=msg.id)
+                except InvalidMessage as exc:
+                    log.warning("ignored a malformed broadcast reply: %s", exc)
+                    continue
+                if response.source in seen:
+                    continue
+                seen.add(response.source or f"anonymous-{len(seen)}")
+                result.responses.append(response)
+            if expected is not None:
+                result.missing = sorted(expected - seen)
+        finally:
+            await sub.unsubscribe()
+        return result
+
+    async def publish_event(self, event_type: str, payload: Any = None, *,
+                            metadata: dict[str, str] | None = None) -> None:
+        """Publish an event to every subscriber of a matching pattern (at most once, no reply)."""
+        check_event_type(event_type)
+        self._allow("publish", self._perms.publish if self._perms else None, event_type)
+        msg = self._message(event_type, payload, MessageKind.EVENT, None, metadata)
+        subject = self.subjects.event(event_type)
+        body = self._encode(msg, subject)
+        try:
+            await self._nc.publish(subject, body, headers=request_headers(msg))
+        except nats.errors.ConnectionClosedError:
+            raise CommunicationError("NATS connection is closed", subject=subject) from None
+
+    async def subscribe_to_events(self, pattern: str) -> EventSubscription:
+        """Events whose type matches ``pattern`` (NATS wildcards), as an async iterator."""
+        check_event_type(pattern, pattern=True)
+        self._allow("subscribe", self._perms.subscribe if self._perms else None, pattern)
+        sub = await self._nc.subscribe(self.subjects.event(pattern))
+        return EventSubscription(sub, self.subjects, pattern, self._subscriptions)
+
+    async def close(self) -> None:
+        """Close every event subscription this object opened; safe to call twice."""
+        for sub in list(self._subscriptions):
+            await sub.close()
+
+    def _encode(self, msg: Message, subject: str) -> bytes:
+        try:
+            body = dumps(msg.payload)
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"payload is not JSON-serialisable: {exc}", subject=subject) from None
+        if len(body) > self._nc.max_payload:
+            raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds the server's limit of "
+                                  f"{self._nc.max_payload} bytes", plugin=msg.target, subject=subject)
+        return body
+

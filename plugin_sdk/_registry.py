@@ -1,0 +1,74 @@
+"""``PluginRegistry``: the client of the registry service (``mesh registry``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel, Field, TypeAdapter
+
+from ._message import PluginInfo
+from ._wire import Subjects, dumps, request, response_from_msg
+
+__all__ = ["PluginRegistry", "VersionRecord"]
+
+
+class VersionRecord(BaseModel):
+    """One version of a plugin the registry has seen, and when."""
+
+    name: str
+    version: str
+    first_seen: float
+    last_seen: float
+    capabilities: list[str] = Field(default_factory=list)
+    instances_seen: int = 0
+
+
+_INFOS = TypeAdapter(list[PluginInfo])
+_VERSIONS = TypeAdapter(list[VersionRecord])
+
+
+class PluginRegistry:
+    """Register, unregister, look up and list plugin instances through the registry service.
+
+    Every call is a NATS request to ``<prefix>.registry.<verb>``, answered by any registry
+    replica; failures raise typed errors (``PluginNotFound`` when no registry runs,
+    ``RequestTimeout``).
+    """
+
+    def __init__(self, nc: NATS, *, prefix: str = "mesh", timeout: float = 2.0) -> None:
+        self._nc = nc
+        self._subjects = Subjects(prefix)
+        self._timeout = timeout
+
+    async def _call(self, verb: str, body: Any, *, timeout: float | None = None) -> Any:
+        msg = await request(self._nc, self._subjects.registry(verb), dumps(body), headers=None,
+                            timeout=timeout or self._timeout, plugin="registry")
+        return response_from_msg(msg).raise_for_error().result
+
+    async def register_plugin(self, info: PluginInfo) -> None:
+        """Add or refresh an instance (idempotent)."""
+        await self._call("register", info.model_dump(mode="json"))
+
+    async def unregister_plugin(self, instance_id: str) -> bool:
+        """Forget an instance; ``False`` if the registry did not know it."""
+        return bool(await self._call("unregister", {"id": instance_id}))
+
+    async def get_plugin(self, name_or_id: str) -> PluginInfo | None:
+        """The instance with this id, or the healthiest newest instance of this name, or ``None``."""
+        found = await self._call("get", {"key": name_or_id})
+        return None if found is None else PluginInfo.model_validate(found)
+
+    async def list_plugins(self, name: str | None = None, *, healthy_only: bool = False,
+                           timeout: float | None = None) -> list[PluginInfo]:
+        """Every known instance (of ``name``), with its health as of now."""
+        found = await self._call("list", {"name": name, "healthy_only": healthy_only}, timeout=timeout)
+        return _INFOS.validate_python(found)
+
+    async def list_versions(self, name: str | None = None) -> list[VersionRecord]:
+        """Every version ever registered (of ``name``), oldest first."""
+        return _VERSIONS.validate_python(await self._call("versions", {"name": name}))
+
+    async def heartbeat(self, info: PluginInfo) -> None:
+        """Tell the registry this instance is alive (fire-and-forget publish)."""
+        await self._nc.publish(self._subjects.registry("heartbeat"), dumps(info.model_dump(mode="json")))

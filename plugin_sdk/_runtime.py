@@ -1,0 +1,352 @@
+"""``PluginRuntime``: serves one plugin instance on a NATS connection.
+
+This is what a plugin process runs (``mesh run`` wraps it with process concerns: loading,
+signals, exit codes) and what ``plugin_sdk.testing`` runs in-process. It lives in the SDK so a
+plugin author's tests need nothing but ``plugin_sdk`` and a nats-server.
+
+Order: ``initialize(context) → start() → subscribe (serve) → register → heartbeats``; then on
+``stop()``: heartbeat "stopping" → drain subscriptions → await in-flight handlers → ``stop()`` →
+``cleanup()`` (always) → unregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ._config import PluginConfig
+from ._context import PluginContext, PluginMetrics, RuntimeInfo
+from ._errors import (
+    CommunicationError,
+    InitializationError,
+    PayloadTooLarge,
+    PluginError,
+    ProtocolMismatch,
+    RequestTimeout,
+)
+from ._message import ErrorInfo, Health, Message, PluginInfo, Response
+from ._messaging import PluginMessaging
+from ._plugin import Plugin, PluginState
+from ._registry import PluginRegistry
+from ._state import StateStore, open_bucket
+from ._wire import (
+    H_PROTOCOL,
+    H_TIMEOUT,
+    PROTOCOL_VERSION,
+    Subjects,
+    dumps,
+    error_reply,
+    message_from_msg,
+    success_reply,
+)
+
+__all__ = ["PluginRuntime", "new_instance_id"]
+
+
+def new_instance_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+class PluginRuntime:
+    """Run ``plugin`` on ``nc`` until :meth:`stop`. Use as ``async with PluginRuntime(...)``."""
+
+    def __init__(self, plugin: Plugin, nc: NATS, *, config: PluginConfig | None = None, prefix: str = "mesh",
+                 instance_id: str | None = None, heartbeat_interval: float = 2.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.plugin = plugin
+        self.nc = nc
+        self.config = config or plugin.default_config()
+        self.subjects = Subjects(prefix)
+        self.instance_id = instance_id or new_instance_id(self.config.name)
+        self.heartbeat_interval = heartbeat_interval
+        self.log = logger or logging.getLogger(f"mesh.plugin.{self.config.name}")
+        self.metrics = PluginMetrics()
+        self.registry = PluginRegistry(nc, prefix=prefix)
+        self.messaging = PluginMessaging(nc, prefix=prefix, source=self.config.name,
+                                         source_instance=self.instance_id, permissions=self.config.permissions,
+                                         registry=self.registry)
+        self.started_at = time.time()
+        #: Set when someone asked this instance to stop over ``<prefix>.control.<id>.stop``.
+        self.stop_requested = asyncio.Event()
+        self._health = Health.STARTING
+        self._subs: list[Subscription] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._sem = asyncio.Semaphore(self.config.max_concurrency)
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopped = False
+        self.context: PluginContext | None = None
+
+    # -- identity --------------------------------------------------------------------------
+
+    def info(self) -> PluginInfo:
+        c = self.config
+        return PluginInfo(id=self.instance_id, name=c.name, version=c.version, description=c.description,
+                          capabilities=list(c.capabilities), dependencies=list(c.dependencies),
+                          health=self._health, host=socket.gethostname(), pid=os.getpid(),
+                          protocol=PROTOCOL_VERSION, started_at=self.started_at,
+                          heartbeat_interval=self.heartbeat_interval)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> PluginRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Initialize, start, serve and register. On failure, cleanup runs and the error propagates."""
+        if self._started:
+            return
+        self._started = True
+        name = self.config.name
+        try:
+            kv = await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(name), create=True,
+                                   description=f"state of plugin {name}")
+            state = StateStore(kv, plugin=name, max_value_size=self.config.max_payload)
+            runtime = RuntimeInfo(instance_id=self.instance_id, host=socket.gethostname(), pid=os.getpid(),
+                                  prefix=self.subjects.prefix, nats_url=str(self.nc.connected_url or ""),
+                                  started_at=self.started_at, protocol=PROTOCOL_VERSION)
+            self.context = PluginContext(runtime=runtime, config=self.config, logger=self.log, metrics=self.metrics,
+                                         messaging=self.messaging, state=state, registry=self.registry)
+            await self._step("initialize", self.plugin.initialize, self.context)
+            self.plugin.state = PluginState.INITIALIZED
+            await self._step("start", self.plugin.start)
+            await self._subscribe()
+            self.plugin.state = PluginState.RUNNING
+            self._health = Health.HEALTHY
+        except BaseException:
+            self.plugin.state = PluginState.FAILED
+            await self._teardown_after_failure()
+            raise
+        try:
+            await self.registry.register_plugin(self.info())
+        except CommunicationError as exc:
+            self.log.warning("registry unavailable (%s); heartbeats will register this instance", exc)
+        self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"heartbeat {self.instance_id}")
+
+    async def _step(self, what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except InitializationError:
+            raise
+        except Exception as exc:  # re-raised, typed, with the plugin named
+            raise InitializationError(f"{self.config.name}.{what}() failed: {type(exc).__name__}: {exc}",
+                                      plugin=self.config.name) from exc
+
+    async def _teardown_after_failure(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subs.clear()
+        await self.messaging.close()
+        await self._cleanup()
+        self._stopped = True
+
+    async def _cleanup(self) -> bool:
+        try:
+            await self.plugin.cleanup()
+            return True
+        except Exception:  # cleanup must not mask the reason we are stopping; logged with traceback
+            self.log.exception("%s.cleanup() raised", self.config.name)
+            return False
+
+    async def stop(self, *, drain_timeout: float = 10.0) -> bool:
+        """Drain, stop, clean up, unregister. Returns ``False`` if ``stop`` or ``cleanup`` raised.
+
+        Safe to call twice.
+        """
+        if self._stopped or not self._started:
+            return True
+        self._stopped = True
+        self._health = Health.STOPPING
+        self.plugin.state = PluginState.STOPPING
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        with contextlib.suppress(CommunicationError, nats.errors.Error):
+            await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
+        # Stop taking messages, let the subscriptions' queued callbacks run, then await handlers.
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        self._subs.clear()
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.log.warning("cancelled %d handlers still running after %.1fs", len(pending), drain_timeout)
+                await asyncio.wait(pending)
+        await self.messaging.close()
+        ok = True
+        try:
+            await self.plugin.stop()
+        except Exception:  # stop failing must not skip cleanup; logged with traceback
+            self.log.exception("%s.stop() raised", self.config.name)
+            ok = False
+        ok = await self._cleanup() and ok
+        self.plugin.state = PluginState.STOPPED
+        try:
+            await self.registry.unregister_plugin(self.instance_id)
+        except (CommunicationError, nats.errors.Error) as exc:
+            self.log.warning("could not unregister %s: %s", self.instance_id, exc)
+        return ok
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        s, name = self.subjects, self.config.name
+        self._subs.append(await self.nc.subscribe(s.plugin(name), queue=name, cb=self._on_request))
+        self._subs.append(await self.nc.subscribe(s.instance(name, self.instance_id), cb=self._on_request))
+        self._subs.append(await self.nc.subscribe(s.broadcast, cb=self._on_broadcast))
+        self._subs.append(await self.nc.subscribe(s.broadcast_to(name), cb=self._on_broadcast))
+        self._subs.append(await self.nc.subscribe(s.control(self.instance_id, "*"), cb=self._on_control))
+        for attr, pattern in self.plugin._event_handlers.items():
+            handler = getattr(self.plugin, attr)
+            self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler)))
+
+    async def _on_request(self, msg: Msg) -> None:
+        # nats-py runs one subscription's callbacks one at a time: hand each message to its own
+        # task, bounded by max_concurrency (waiting here is the backpressure).
+        await self._sem.acquire()
+        task = asyncio.create_task(self._handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    async def _on_broadcast(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Mesh-Source-Instance") == self.instance_id:
+            return  # our own broadcast
+        await self._on_request(msg)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._sem.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        message_id = ""
+        try:
+            headers = msg.headers or {}
+            proto = headers.get(H_PROTOCOL, PROTOCOL_VERSION)
+            if proto.split(".")[0] != PROTOCOL_VERSION:
+                raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
+                                       f"the message uses {proto}", plugin=self.config.name)
+            if len(msg.data) > self.config.max_payload:
+                raise PayloadTooLarge(f"message of {len(msg.data)} bytes exceeds {self.config.name}'s "
+                                      f"max_payload of {self.config.max_payload}", plugin=self.config.name)
+            message = message_from_msg(msg, target=self.config.name)
+            message_id = message.id
+            timeout = _timeout(headers.get(H_TIMEOUT), self.config.handler_timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await self.plugin.handle_message(message)
+            except TimeoutError:
+                raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
+                                     plugin=self.config.name) from None
+            if isinstance(result, Response):
+                if result.error is not None:
+                    body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
+                    self.metrics.increment("errors")
+                else:
+                    body, reply_headers = self._success(result.result, message_id)
+            else:
+                body, reply_headers = self._success(result, message_id)
+        except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
+            self.metrics.increment("errors")
+            self._log_failure(exc, msg)
+            body, reply_headers = error_reply(ErrorInfo.from_exception(exc, plugin=self.config.name),
+                                              message_id=message_id, instance=self.instance_id)
+        self.metrics.increment("messages")
+        self.metrics.increment("handler_seconds", time.perf_counter() - started)
+        if msg.reply:
+            try:
+                await self.nc.publish(msg.reply, body, headers=reply_headers)
+            except nats.errors.Error as exc:
+                self.log.warning("could not reply on %s: %s", msg.subject, exc)
+
+    def _success(self, result: Any, message_id: str) -> tuple[bytes, dict[str, str]]:
+        try:
+            body, headers = success_reply(result, message_id=message_id, instance=self.instance_id)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{self.config.name} returned a value that is not JSON-serialisable: {exc}") from None
+        if len(body) > self.nc.max_payload:
+            raise PayloadTooLarge(f"{self.config.name}'s reply of {len(body)} bytes exceeds the server's limit "
+                                  f"of {self.nc.max_payload}", plugin=self.config.name)
+        return body, headers
+
+    def _log_failure(self, exc: BaseException, msg: Msg) -> None:
+        if isinstance(exc, PluginError):
+            self.log.info("%s on %s: %s", type(exc).__name__, msg.subject, exc)
+        else:
+            self.log.warning("handler raised %s on %s: %s", type(exc).__name__, msg.subject, exc,
+                             exc_info=self.log.isEnabledFor(logging.DEBUG))
+
+    async def _on_control(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        result: Any
+        if verb == "health":
+            result = self.info().model_dump(mode="json")
+        elif verb == "metrics":
+            result = {"instance": self.instance_id, "inflight": len(self._inflight), **self.metrics.snapshot()}
+        elif verb == "stop":
+            self.stop_requested.set()
+            result = {"stopping": self.instance_id}
+        else:
+            body, headers = error_reply(ErrorInfo(type="UnknownOperation", message=f"unknown control verb {verb!r}",
+                                                  code=404), message_id="", instance=self.instance_id)
+            if msg.reply:
+                await self.nc.publish(msg.reply, body, headers=headers)
+            return
+        if msg.reply:
+            await self.nc.publish(msg.reply, dumps(result))
+
+    def _event_callback(self, handler: Callable[[Message], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
+        async def on_event(msg: Msg) -> None:
+            try:
+                event = message_from_msg(msg, target=self.subjects.event_type(msg.subject))
+                event.kind = event.kind.EVENT
+                await handler(event)
+                self.metrics.increment("events")
+            except Exception as exc:  # one bad event must not stop the subscription; logged with context
+                self.metrics.increment("event_errors")
+                self.log.warning("event handler %s failed on %s: %s: %s", handler.__name__, msg.subject,
+                                 type(exc).__name__, exc, exc_info=self.log.isEnabledFor(logging.DEBUG))
+
+        return on_event
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.registry.heartbeat(self.info())
+            except nats.errors.Error as exc:  # reconnecting: the next beat will try again
+                self.log.debug("heartbeat not sent: %s", exc)
+
+
+def _timeout(raw: str | None, default: float) -> float:
+    if raw:
+        try:
+            value = float(raw)
+            if value > 0:
+                return value
+        except ValueError:
+            pass
+    return default

@@ -1,0 +1,250 @@
+"""The wire contract, in one place: subjects, headers, bodies and errors.
+
+Documented for humans in ``docs/subjects.md``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import nats.errors
+import pydantic_core
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from ._errors import (
+    ConnectionFailed,
+    InvalidMessage,
+    PayloadTooLarge,
+    PluginError,
+    PluginNotFound,
+    RequestTimeout,
+)
+from ._message import ErrorInfo, Message, MessageKind, Response, new_id
+
+__all__ = ["PROTOCOL_VERSION", "Subjects"]
+
+#: The envelope's protocol version. A major bump means an incompatible wire (docs/migration.md).
+PROTOCOL_VERSION: Final = "1"
+
+# Request envelope headers.
+H_ID: Final = "Mesh-Id"
+H_SOURCE: Final = "Mesh-Source"
+H_SOURCE_INSTANCE: Final = "Mesh-Source-Instance"
+H_KIND: Final = "Mesh-Kind"
+H_OPERATION: Final = "Mesh-Operation"
+H_METADATA: Final = "Mesh-Metadata"
+H_PROTOCOL: Final = "Mesh-Protocol"
+H_TIMEOUT: Final = "Mesh-Timeout"
+# Reply headers.
+H_INSTANCE: Final = "Mesh-Instance"
+H_ERROR: Final = "Nats-Service-Error"  # ADR-32
+H_ERROR_CODE: Final = "Nats-Service-Error-Code"  # ADR-32
+H_ERROR_TYPE: Final = "Mesh-Error-Type"
+
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Every subject and bucket name of one mesh, derived from its prefix (default ``mesh``)."""
+
+    prefix: str = "mesh"
+
+    def __post_init__(self) -> None:
+        if not PREFIX_RE.match(self.prefix):
+            raise ValueError(f"invalid mesh prefix {self.prefix!r}: use letters, digits, '-' and '_'")
+
+    def plugin(self, name: str) -> str:
+        """Any instance of ``name`` (queue group ``name``, load-balanced)."""
+        return f"{self.prefix}.plugin.{name}"
+
+    def instance(self, name: str, instance_id: str) -> str:
+        return f"{self.prefix}.plugin.{name}.{instance_id}"
+
+    def target(self, target: str) -> str:
+        """``name`` or ``name.instance`` → its subject."""
+        return f"{self.prefix}.plugin.{target}"
+
+    @property
+    def broadcast(self) -> str:
+        return f"{self.prefix}.broadcast"
+
+    def broadcast_to(self, name: str) -> str:
+        return f"{self.prefix}.broadcast.{name}"
+
+    def event(self, event_type: str) -> str:
+        return f"{self.prefix}.event.{event_type}"
+
+    def event_type(self, subject: str) -> str:
+        return subject[len(self.prefix) + 7 :]  # strip "<prefix>.event."
+
+    def registry(self, verb: str) -> str:
+        return f"{self.prefix}.registry.{verb}"
+
+    def control(self, instance_id: str, verb: str) -> str:
+        return f"{self.prefix}.control.{instance_id}.{verb}"
+
+    @property
+    def registry_bucket(self) -> str:
+        return f"{self.prefix}_registry"
+
+    def state_bucket(self, name: str) -> str:
+        return f"{self.prefix}_state_{name}"
+
+
+_EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_EVENT_PATTERN_RE = re.compile(r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?$|^>$")
+
+
+def check_event_type(event_type: str, *, pattern: bool = False) -> str:
+    ok = (_EVENT_PATTERN_RE if pattern else _EVENT_TYPE_RE).match(event_type)
+    if not ok:
+        what = "event pattern" if pattern else "event type"
+        hint = " (tokens of letters, digits, '-', '_' joined by '.'; '*' and a final '>' as wildcards)" \
+            if pattern else " (tokens of letters, digits, '-', '_' joined by '.')"
+        raise ValueError(f"invalid {what} {event_type!r}{hint}")
+    return event_type
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode a payload (``None`` → empty body)."""
+    if value is None:
+        return b""
+    return pydantic_core.to_json(value)
+
+
+def loads(data: bytes, *, what: str = "message body") -> Any:
+    if not data:
+        return None
+    try:
+        return pydantic_core.from_json(data)
+    except ValueError as exc:
+        raise InvalidMessage(f"{what} is not valid JSON: {exc}") from None
+
+
+def request_headers(message: Message, *, timeout: float | None = None) -> dict[str, str]:
+    headers = {
+        H_PROTOCOL: PROTOCOL_VERSION,
+        H_ID: message.id,
+        H_KIND: message.kind.value,
+    }
+    if message.source:
+        headers[H_SOURCE] = message.source
+    if message.source_instance:
+        headers[H_SOURCE_INSTANCE] = message.source_instance
+    if message.operation:
+        headers[H_OPERATION] = message.operation
+    if message.metadata:
+        headers[H_METADATA] = pydantic_core.to_json(message.metadata).decode()
+    if timeout is not None:
+        headers[H_TIMEOUT] = f"{timeout:g}"
+    return headers
+
+
+def message_from_msg(msg: Msg, *, target: str) -> Message:
+    """Rebuild a :class:`Message` from a received NATS message.
+
+    A message without our headers (``nats req mesh.plugin.echo '{...}'``) is accepted: it becomes
+    a command from source ``""`` with a fresh id. A body that is not JSON raises InvalidMessage.
+    """
+    h = msg.headers or {}
+    metadata: dict[str, str] = {}
+    raw_meta = h.get(H_METADATA)
+    if raw_meta:
+        meta = loads(raw_meta.encode(), what=f"{H_METADATA} header")
+        if not isinstance(meta, dict):
+            raise InvalidMessage(f"{H_METADATA} header must be a JSON object")
+        metadata = {str(k): str(v) for k, v in meta.items()}
+    kind_raw = h.get(H_KIND, "command")
+    try:
+        kind = MessageKind(kind_raw)
+    except ValueError:
+        raise InvalidMessage(f"unknown {H_KIND} {kind_raw!r}") from None
+    return Message.model_construct(
+        id=h.get(H_ID) or new_id(),
+        source=h.get(H_SOURCE, ""),
+        source_instance=h.get(H_SOURCE_INSTANCE),
+        target=target,
+        payload=loads(msg.data),
+        metadata=metadata,
+        kind=kind,
+        operation=h.get(H_OPERATION),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies
+
+def success_reply(result: Any, *, message_id: str, instance: str | None) -> tuple[bytes, dict[str, str]]:
+    headers = {H_PROTOCOL: PROTOCOL_VERSION, H_ID: message_id}
+    if instance:
+        headers[H_INSTANCE] = instance
+    return dumps(result), headers
+
+
+def error_reply(info: ErrorInfo, *, message_id: str, instance: str | None) -> tuple[bytes, dict[str, str]]:
+    headers = {
+        H_PROTOCOL: PROTOCOL_VERSION,
+        H_ID: message_id,
+        H_ERROR: info.message.replace("\r", " ").replace("\n", " ")[:1024],
+        H_ERROR_CODE: str(info.code),
+        H_ERROR_TYPE: info.type,
+    }
+    if instance:
+        headers[H_INSTANCE] = instance
+    return pydantic_core.to_json({"error": info.model_dump()}), headers
+
+
+def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
+    """Turn a reply into a :class:`Response` (an error reply sets ``.error``)."""
+    h = msg.headers or {}
+    source = h.get(H_INSTANCE)
+    if H_ERROR in h or H_ERROR_CODE in h:
+        info: ErrorInfo | None = None
+        try:
+            body = loads(msg.data)
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                info = ErrorInfo.model_validate(body["error"])
+        except (PluginError, ValueError):
+            info = None
+        if info is None:  # a plain ADR-32 service error
+            code = h.get(H_ERROR_CODE, "500")
+            info = ErrorInfo(type=h.get(H_ERROR_TYPE, "HandlerError"), message=h.get(H_ERROR, ""),
+                             code=int(code) if code.isdigit() else 500)
+        return Response.model_construct(message_id=h.get(H_ID, message_id), result=None, error=info,
+                                        source=source, metadata={})
+    return Response.model_construct(message_id=h.get(H_ID, message_id), result=loads(msg.data, what="reply"),
+                                    error=None, source=source, metadata={})
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+async def request(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str] | None, timeout: float,
+                  plugin: str | None = None) -> Msg:
+    """``nc.request`` with nats-py's errors turned into typed mesh errors."""
+    if len(body) > nc.max_payload:
+        raise PayloadTooLarge(
+            f"payload of {len(body)} bytes exceeds the server's limit of {nc.max_payload} bytes",
+            plugin=plugin, subject=subject)
+    try:
+        return await nc.request(subject, body, timeout=timeout, headers=headers)
+    except nats.errors.NoRespondersError:
+        raise PluginNotFound(f"no plugin instance serves {plugin or subject!r} (no responders on {subject})",
+                             plugin=plugin, subject=subject) from None
+    except nats.errors.TimeoutError:
+        raise RequestTimeout(f"no reply from {plugin or subject!r} within {timeout:g}s ({subject})",
+                             plugin=plugin, subject=subject) from None
+    except nats.errors.MaxPayloadError:
+        raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds the server's limit", plugin=plugin,
+                              subject=subject) from None
+    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+            nats.errors.ConnectionReconnectingError) as exc:
+        raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", plugin=plugin,
+                               subject=subject) from None
