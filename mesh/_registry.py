@@ -86,7 +86,7 @@ class RegistryService:
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
-                await sub.drain()
+                await sub.drain()  # type: ignore[no-untyped-call]
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -107,7 +107,7 @@ class RegistryService:
                 self._apply(entry.key, entry.value, entry.revision or 0, entry.operation)
         finally:
             with contextlib.suppress(nats.errors.Error):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _apply(self, key: str, value: bytes | None, revision: int, operation: str | None) -> None:
         kind, _, ident = key.partition(".")

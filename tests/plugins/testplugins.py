@@ -1,0 +1,78 @@
+"""Tiny plugins the multi-process tests run with `mesh run testplugins:<Class>`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from plugin_sdk import Message, Plugin, PluginContext, ResourceError, command
+
+
+class Relay(Plugin):
+    """Forwards its payload to the plugin named in payload['to'] and wraps the answer."""
+
+    name = "relay"
+    version = "1.0.0"
+
+    async def handle_message(self, message: Message) -> Any:
+        assert self.context is not None
+        reply = await self.context.messaging.send_message(message.payload["to"], message.payload["body"])
+        return {"via": self.context.runtime.instance_id, "reply": reply.result, "from": reply.source}
+
+
+class Faulty(Plugin):
+    """Misbehaves on request, to prove the caller gets a typed error and the plugin keeps serving."""
+
+    name = "faulty"
+    version = "0.3.0"
+
+    @command("boom")
+    async def boom(self, message: Message) -> Any:
+        raise ValueError("kaboom")
+
+    @command("full")
+    async def full(self, message: Message) -> Any:
+        raise ResourceError("disk full", plugin="faulty")
+
+    @command("hang")
+    async def hang(self, message: Message) -> Any:
+        await asyncio.sleep(3600)
+
+    @command("ok")
+    async def ok(self, message: Message) -> Any:
+        return {"ok": True}
+
+
+class Recorder(Plugin):
+    """Appends each lifecycle step to the file named by $RECORDER_LOG; stop() may be told to raise."""
+
+    name = "recorder"
+    version = "2.1.0"
+
+    def _note(self, step: str) -> None:
+        with open(os.environ["RECORDER_LOG"], "a") as f:
+            f.write(json.dumps(step) + "\n")
+
+    async def initialize(self, context: PluginContext) -> None:
+        await super().initialize(context)
+        self._note("initialize")
+
+    async def start(self) -> None:
+        self._note("start")
+
+    async def handle_message(self, message: Message) -> Any:
+        self._note("handle")
+        if message.payload and message.payload.get("slow"):
+            await asyncio.sleep(float(message.payload["slow"]))
+            self._note("handled-slow")
+        return "noted"
+
+    async def stop(self) -> None:
+        self._note("stop")
+        if os.environ.get("RECORDER_STOP_RAISES"):
+            raise RuntimeError("stop failed on purpose")
+
+    async def cleanup(self) -> None:
+        self._note("cleanup")
