@@ -103,6 +103,7 @@ async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, bas
                     child = await _spawn(entry, i, url=url, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir)
                     children.append(child)
                     say(f"started {child.label} (pid {child.proc.pid})")
+            say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
             waits = {asyncio.create_task(c.proc.wait()): c for c in children}
             stopper = asyncio.create_task(stop.wait())
             try:
@@ -155,7 +156,6 @@ async def _main(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        say("mesh is up; Ctrl-C stops it")
         return await _serve(url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, say=say, stop=stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from mesh import NatsServer, RegistryService, close, connect, free_port
 from nats.aio.client import Client as NATS
+
+from mesh import NatsServer, RegistryService, close, connect, free_port
 from plugin_sdk import PluginInfo, PluginMessaging, PluginRegistry
 
 ROOT = Path(__file__).resolve().parent.parent

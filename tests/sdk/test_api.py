@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import plugin_sdk
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+import plugin_sdk
 from plugin_sdk import (
     ConfigError,
     Dependency,
@@ -108,7 +109,7 @@ tokens = st.sampled_from(["a", "b", "orders", "x1"])
 def test_subject_matching_follows_nats_rules(pattern: list[str], subject: list[str]) -> None:
     s = ".".join(subject)
     assert subject_matches(".".join(subject), s)
-    assert subject_matches(".".join(pattern[:-1] + [">"]), s) == (
+    assert subject_matches(".".join([*pattern[:-1], ">"]), s) == (
         len(subject) >= len(pattern) and subject[: len(pattern) - 1] == pattern[:-1])
     star = [("*" if i % 2 else t) for i, t in enumerate(pattern)]
     expected = len(star) == len(subject) and all(p in ("*", t) for p, t in zip(star, subject, strict=False))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
+
 from plugin_sdk import (
     HandlerError,
     InvalidMessage,
@@ -84,9 +85,8 @@ async def test_plain_nats_request_without_headers_works(nc: NATS, prefix: str, t
 
 async def test_handler_raising_gives_handler_error_and_keeps_serving(
         touchy: Any, messaging: PluginMessaging, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO):
-        with pytest.raises(HandlerError) as info:
-            await messaging.send_message("touchy", operation="boom")
+    with caplog.at_level(logging.INFO), pytest.raises(HandlerError) as info:
+        await messaging.send_message("touchy", operation="boom")
     assert info.value.remote_type == "ValueError"
     assert "kaboom" in str(info.value)
     assert info.value.plugin == "touchy"
@@ -104,7 +104,7 @@ async def test_plugin_error_arrives_as_the_same_class(touchy: Any, messaging: Pl
 
 
 async def test_unknown_operation(touchy: Any, messaging: PluginMessaging) -> None:
-    with pytest.raises(UnknownOperation, match="'nope'.*known: boom, full, hang, ok, weird"):
+    with pytest.raises(UnknownOperation, match=r"'nope'.*known: boom, full, hang, ok, weird"):
         await messaging.send_message("touchy", operation="nope")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nats.aio.client import Client as NATS
+
 from plugin_sdk import Message, Plugin, PluginContext, PluginMessaging, PluginRegistry, PluginRuntime, PluginState
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from nats.aio.client import Client as NATS
+
 from plugin_sdk import StateConflict, StateError, StateStore
 from plugin_sdk._state import open_bucket
 

@@ -1,0 +1,101 @@
+"""The registry service: versions, health from heartbeats, replicas, restarts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from mesh import RegistryService
+from plugin_sdk import InvalidMessage, PluginInfo, PluginRegistry
+from tests.conftest import eventually
+
+
+def info(ident: str, name: str = "svc", version: str = "1.0.0", interval: float = 0.2) -> PluginInfo:
+    return PluginInfo(id=ident, name=name, version=version, capabilities=["c"], heartbeat_interval=interval)
+
+
+async def test_every_version_is_tracked(registry: RegistryService, client: PluginRegistry) -> None:
+    await client.register_plugin(info("svc-a", version="1.0.0"))
+    await client.register_plugin(info("svc-b", version="1.1.0"))
+    await client.register_plugin(info("svc-c", version="1.0.0"))
+    await client.unregister_plugin("svc-a")
+    records = await client.list_versions("svc")
+    assert [(r.version, r.instances_seen) for r in records] == [("1.0.0", 2), ("1.1.0", 1)]
+    assert {i.id for i in await client.list_plugins("svc")} == {"svc-b", "svc-c"}
+
+
+async def test_missed_heartbeats_turn_unhealthy_then_beats_heal(registry: RegistryService,
+                                                                client: PluginRegistry) -> None:
+    await client.register_plugin(info("svc-1", interval=0.2))
+    assert (await client.get_plugin("svc-1")).health == "healthy"  # type: ignore[union-attr]
+
+    async def unhealthy() -> bool:
+        found = await client.get_plugin("svc-1")
+        return found is not None and found.health == "unhealthy"
+
+    await eventually(unhealthy, timeout=5, what="unhealthy after missed beats")
+    assert await client.list_plugins(healthy_only=True) == []
+    await client.heartbeat(info("svc-1", interval=0.2))
+
+    async def healthy() -> bool:
+        found = await client.get_plugin("svc-1")
+        return found is not None and found.health == "healthy"
+
+    await eventually(healthy, timeout=5, what="healthy again after a beat")
+
+
+async def test_silent_instances_are_forgotten(nc: NATS, prefix: str) -> None:
+    async with RegistryService(nc, prefix=prefix, expire_after=0.5, sweep_interval=0.1):
+        client = PluginRegistry(nc, prefix=prefix)
+        await client.register_plugin(info("svc-old", interval=0.1))
+
+        async def gone() -> bool:
+            return await client.get_plugin("svc-old") is None
+
+        await eventually(gone, timeout=5, what="expiry")
+
+
+async def test_restart_loses_nothing_and_replicas_agree(nc: NATS, prefix: str) -> None:
+    client = PluginRegistry(nc, prefix=prefix)
+    async with RegistryService(nc, prefix=prefix):
+        for i in range(5):
+            await client.register_plugin(info(f"svc-{i}", version=f"1.{i}.0", interval=30))
+        before = {i.id: i.version for i in await client.list_plugins()}
+    # Nothing serves now; a fresh replica (as after a restart) reads it all back from KV.
+    async with RegistryService(nc, prefix=prefix) as a, RegistryService(nc, prefix=prefix):
+        assert {i.id: i.version for i in await client.list_plugins()} == before
+        assert len(await client.list_versions("svc")) == 5
+        # A write through one replica is seen by the other (queue group spreads the reads).
+        await client.register_plugin(info("svc-new", interval=30))
+
+        async def both_see_it() -> bool:
+            return all([len(await client.list_plugins()) == 6 for _ in range(6)])
+
+        await eventually(both_see_it, timeout=5, what="replicas to converge")
+        assert "svc-new" in a._instances
+
+
+async def test_heartbeat_registers_an_instance_the_registry_never_saw(registry: RegistryService,
+                                                                      client: PluginRegistry) -> None:
+    # As when the registry was down while the plugin started.
+    await client.heartbeat(info("svc-late", interval=30))
+
+    async def known() -> PluginInfo | None:
+        return await client.get_plugin("svc-late")
+
+    found = await eventually(known, timeout=5, what="registration from a heartbeat")
+    assert found.last_seen <= time.time()
+    assert [r.version for r in await client.list_versions("svc")] == ["1.0.0"]
+
+
+async def test_bad_registry_requests_get_typed_errors(nc: NATS, prefix: str, registry: RegistryService) -> None:
+    client = PluginRegistry(nc, prefix=prefix)
+    with pytest.raises(InvalidMessage):
+        await client._call("register", {"id": "x"})  # no name, no version
+    with pytest.raises(InvalidMessage, match="string 'id'"):
+        await client._call("unregister", [1, 2])
+    reply = await nc.request(f"{prefix}.registry.list", b"{oops", timeout=2)
+    assert reply.headers is not None and reply.headers["Nats-Service-Error-Code"] == "400"
+    assert await client.list_plugins() == []  # and it keeps serving
