@@ -102,12 +102,19 @@ class NatsServer:
             if self._proc.poll() is not None:
                 self._proc = None
                 raise NatsServerError(f"nats-server exited at start on port {self.port}: {self._log_tail()}")
-            if self._accepts_clients():
+            if self._says_ready() and self._accepts_clients():
                 return self
             time.sleep(0.02)
         self.stop()
         raise NatsServerError(f"nats-server did not accept clients on {self.url} within {timeout:g}s: "
                               f"{self._log_tail()}")
+
+    def _says_ready(self) -> bool:
+        # The port answering is not enough: another server may hold it. Ours says so in its log.
+        try:
+            return "Server is ready" in self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
 
     def _accepts_clients(self) -> bool:
         try:

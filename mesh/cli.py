@@ -144,8 +144,11 @@ def up(
         code = run_up(nats_url=nats_url, port=port, data_dir=data_dir.resolve(), mesh_file=mesh_file, say=say)
     except KeyboardInterrupt:
         code = 130
-    except (PluginError, NatsServerError) as exc:
-        raise _fail(str(exc)) from None
+    except NatsServerError as exc:
+        hint = " (is another mesh running? choose --port, or use it with --nats)" if "in use" in str(exc) else ""
+        raise _fail(f"{exc}{hint}") from None
+    except PluginError as exc:
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
     raise typer.Exit(code)
 
 
