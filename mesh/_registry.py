@@ -173,7 +173,7 @@ class RegistryService:
         async def handler(msg: Msg) -> None:
             try:
                 result = await fn(loads(msg.data, what=f"registry {verb} request"))
-                body, headers = success_reply(result, message_id="", instance="registry")
+                body, headers = success_reply(result, instance="registry")
             except (InvalidMessage, ValidationError, UnknownOperation, nats.errors.Error) as exc:
                 # A bad request or a JetStream failure becomes the caller's typed error.
                 log.info("registry %s failed: %s: %s", verb, type(exc).__name__, exc)

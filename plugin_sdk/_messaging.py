@@ -15,7 +15,7 @@ from nats.aio.subscription import Subscription
 
 from ._config import Permissions
 from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied
-from ._message import BroadcastResult, Message, MessageKind, Response
+from ._message import BroadcastResult, Message, MessageKind, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
     Subjects,
@@ -132,13 +132,15 @@ class PluginMessaging:
                 msg.operation = operation
             if metadata:
                 msg.metadata = {**msg.metadata, **metadata}
-        else:
-            msg = Message(payload=message_or_payload, kind=kind or MessageKind.COMMAND, operation=operation,
-                          metadata=metadata or {})
-        msg.source = self._source
-        msg.source_instance = self._instance
-        msg.target = target
-        return msg
+            msg.source, msg.source_instance, msg.target = self._source, self._instance, target
+            return msg
+        if metadata:
+            metadata = Message(metadata=metadata).metadata  # validated: str → str
+        # Every field is already of its type here: skip validation on the hot path.
+        return fast_model(Message, {"id": new_id(), "source": self._source, "target": target,
+                                    "payload": message_or_payload, "metadata": metadata or {},
+                                    "kind": kind or MessageKind.COMMAND, "operation": operation,
+                                    "source_instance": self._instance})
 
     def _allow(self, rule: str, patterns: list[str] | None, subject: str) -> None:
         if patterns is not None and not any(subject_matches(p, subject) for p in patterns):

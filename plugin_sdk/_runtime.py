@@ -243,6 +243,7 @@ class PluginRuntime:
     async def _handle(self, msg: Msg) -> None:
         started = time.perf_counter()
         message_id = ""
+        reply_headers: dict[str, str] | None
         try:
             headers = msg.headers or {}
             proto = headers.get(H_PROTOCOL, PROTOCOL_VERSION)
@@ -266,9 +267,9 @@ class PluginRuntime:
                     body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
                     self.metrics.increment("errors")
                 else:
-                    body, reply_headers = self._success(result.result, message_id)
+                    body, reply_headers = self._success(result.result)
             else:
-                body, reply_headers = self._success(result, message_id)
+                body, reply_headers = self._success(result)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
             self.metrics.increment("errors")
             self._log_failure(exc, msg)
@@ -282,9 +283,9 @@ class PluginRuntime:
             except nats.errors.Error as exc:
                 self.log.warning("could not reply on %s: %s", msg.subject, exc)
 
-    def _success(self, result: Any, message_id: str) -> tuple[bytes, dict[str, str]]:
+    def _success(self, result: Any) -> tuple[bytes, dict[str, str] | None]:
         try:
-            body, headers = success_reply(result, message_id=message_id, instance=self.instance_id)
+            body, headers = success_reply(result, instance=self.instance_id)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.config.name} returned a value that is not JSON-serialisable: {exc}") from None
         if len(body) > self.nc.max_payload:

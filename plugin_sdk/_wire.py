@@ -22,7 +22,7 @@ from ._errors import (
     PluginNotFound,
     RequestTimeout,
 )
-from ._message import ErrorInfo, Message, MessageKind, Response, new_id
+from ._message import ErrorInfo, Message, MessageKind, Response, fast_model, new_id
 
 __all__ = ["PROTOCOL_VERSION", "Subjects"]
 
@@ -129,11 +129,10 @@ def loads(data: bytes, *, what: str = "message body") -> Any:
 
 
 def request_headers(message: Message, *, timeout: float | None = None) -> dict[str, str]:
-    headers = {
-        H_PROTOCOL: PROTOCOL_VERSION,
-        H_ID: message.id,
-        H_KIND: message.kind.value,
-    }
+    # Every header costs parsing on the far side: send only what differs from the defaults.
+    headers = {H_PROTOCOL: PROTOCOL_VERSION, H_ID: message.id}
+    if message.kind is not MessageKind.COMMAND:
+        headers[H_KIND] = message.kind.value
     if message.source:
         headers[H_SOURCE] = message.source
     if message.source_instance:
@@ -161,31 +160,32 @@ def message_from_msg(msg: Msg, *, target: str) -> Message:
         if not isinstance(meta, dict):
             raise InvalidMessage(f"{H_METADATA} header must be a JSON object")
         metadata = {str(k): str(v) for k, v in meta.items()}
-    kind_raw = h.get(H_KIND, "command")
-    try:
-        kind = MessageKind(kind_raw)
-    except ValueError:
-        raise InvalidMessage(f"unknown {H_KIND} {kind_raw!r}") from None
-    return Message.model_construct(
-        id=h.get(H_ID) or new_id(),
-        source=h.get(H_SOURCE, ""),
-        source_instance=h.get(H_SOURCE_INSTANCE),
-        target=target,
-        payload=loads(msg.data),
-        metadata=metadata,
-        kind=kind,
-        operation=h.get(H_OPERATION),
-    )
+    kind_raw = h.get(H_KIND)
+    if kind_raw is None:
+        kind = MessageKind.COMMAND
+    else:
+        try:
+            kind = MessageKind(kind_raw)
+        except ValueError:
+            raise InvalidMessage(f"unknown {H_KIND} {kind_raw!r}") from None
+    return fast_model(Message, {
+        "id": h.get(H_ID) or new_id(),
+        "source": h.get(H_SOURCE, ""),
+        "target": target,
+        "payload": loads(msg.data),
+        "metadata": metadata,
+        "kind": kind,
+        "operation": h.get(H_OPERATION),
+        "source_instance": h.get(H_SOURCE_INSTANCE),
+    })
 
 
 # ---------------------------------------------------------------------------------------------
 # Replies
 
-def success_reply(result: Any, *, message_id: str, instance: str | None) -> tuple[bytes, dict[str, str]]:
-    headers = {H_PROTOCOL: PROTOCOL_VERSION, H_ID: message_id}
-    if instance:
-        headers[H_INSTANCE] = instance
-    return dumps(result), headers
+def success_reply(result: Any, *, instance: str | None) -> tuple[bytes, dict[str, str] | None]:
+    # The caller knows the message id and protocol already; a success carries only who answered.
+    return dumps(result), ({H_INSTANCE: instance} if instance else None)
 
 
 def error_reply(info: ErrorInfo, *, message_id: str, instance: str | None) -> tuple[bytes, dict[str, str]]:
@@ -217,10 +217,10 @@ def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
             code = h.get(H_ERROR_CODE, "500")
             info = ErrorInfo(type=h.get(H_ERROR_TYPE, "HandlerError"), message=h.get(H_ERROR, ""),
                              code=int(code) if code.isdigit() else 500)
-        return Response.model_construct(message_id=h.get(H_ID, message_id), result=None, error=info,
-                                        source=source, metadata={})
-    return Response.model_construct(message_id=h.get(H_ID, message_id), result=loads(msg.data, what="reply"),
-                                    error=None, source=source, metadata={})
+        return fast_model(Response, {"message_id": h.get(H_ID, message_id), "result": None, "error": info,
+                                     "source": source, "metadata": {}})
+    return fast_model(Response, {"message_id": h.get(H_ID, message_id), "result": loads(msg.data, what="reply"),
+                                 "error": None, "source": source, "metadata": {}})
 
 
 # ---------------------------------------------------------------------------------------------

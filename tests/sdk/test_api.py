@@ -114,3 +114,15 @@ def test_subject_matching_follows_nats_rules(pattern: list[str], subject: list[s
     star = [("*" if i % 2 else t) for i, t in enumerate(pattern)]
     expected = len(star) == len(subject) and all(p in ("*", t) for p, t in zip(star, subject, strict=False))
     assert subject_matches(".".join(star), s) == expected
+
+
+def test_hot_path_models_equal_validated_ones() -> None:
+    from plugin_sdk import Message, MessageKind
+    from plugin_sdk._message import fast_model, new_id
+
+    fields = {"id": new_id(), "source": "a", "target": "b", "payload": {"x": [1]}, "metadata": {"k": "v"},
+              "kind": MessageKind.QUERY, "operation": "op", "source_instance": "a-1"}
+    fast = fast_model(Message, dict(fields))
+    assert fast == Message(**fields)
+    assert fast.model_dump() == Message(**fields).model_dump()
+    assert len({new_id() for _ in range(1000)}) == 1000
