@@ -56,6 +56,8 @@ class RegistryService:
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._watch_epoch = 0
 
     async def __aenter__(self) -> RegistryService:
         await self.start()
@@ -97,33 +99,49 @@ class RegistryService:
     # -- the cache ---------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        assert self._kv is not None
-        watcher = await self._kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are all in
-                    self._ready.set()
-                    continue
-                self._apply(entry.key, entry.value, entry.revision or 0, entry.operation)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        """Keep the cache equal to the bucket; rebuild it from a new watcher after a reconnect.
 
-    def _apply(self, key: str, value: bytes | None, revision: int, operation: str | None) -> None:
+        A server restart loses the watcher's ephemeral consumer, and nats-py does not re-create
+        it: the sweeper notices the reconnect and stops the watcher, and this loop starts afresh,
+        replaying every key into a new cache that replaces the old one whole.
+        """
+        assert self._kv is not None
+        while True:
+            self._watch_epoch = self.nc.stats["reconnects"]
+            self._watcher = watcher = await self._kv.watchall()
+            fresh: tuple[dict[str, tuple[PluginInfo, int]], dict[str, dict[str, VersionRecord]]] | None = ({}, {})
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the initial values are all in: swap them in
+                        if fresh is not None:
+                            self._instances, self._versions = fresh
+                            fresh = None
+                        self._ready.set()
+                        continue
+                    self._apply(entry.key, entry.value, entry.revision or 0, entry.operation,
+                                into=fresh or (self._instances, self._versions))
+            finally:
+                with contextlib.suppress(nats.errors.Error):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+            log.info("registry watcher restarted after a reconnect")
+
+    def _apply(self, key: str, value: bytes | None, revision: int, operation: str | None, *,
+               into: tuple[dict[str, tuple[PluginInfo, int]], dict[str, dict[str, VersionRecord]]]) -> None:
+        instances, versions = into
         kind, _, ident = key.partition(".")
         deleted = operation in ("DEL", "PURGE")
         try:
             if kind == "instances":
                 if deleted:
-                    self._instances.pop(ident, None)
+                    instances.pop(ident, None)
                 else:
-                    self._instances[ident] = (PluginInfo.model_validate_json(value or b"{}"), revision)
+                    instances[ident] = (PluginInfo.model_validate_json(value or b"{}"), revision)
             elif kind == "versions":
                 if deleted:
-                    self._versions.pop(ident, None)
+                    versions.pop(ident, None)
                 else:
                     raw = loads(value or b"")
-                    self._versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
+                    versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
         except (ValidationError, InvalidMessage, AttributeError) as exc:
             log.warning("ignored a malformed registry entry %s: %s", key, exc)
 
@@ -250,6 +268,11 @@ class RegistryService:
         assert self._kv is not None
         while True:
             await asyncio.sleep(self.sweep_interval)
+            if self.nc.stats["reconnects"] != self._watch_epoch and self._watcher is not None and self.nc.is_connected:
+                try:  # _watch then starts a new watcher (and resets the epoch)
+                    await self._watcher.stop()  # type: ignore[no-untyped-call]
+                except nats.errors.Error as exc:
+                    log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
             now = time.time()
             for ident, (info, rev) in list(self._instances.items()):
                 if now - info.last_seen > self.expire_after:

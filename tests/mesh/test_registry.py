@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 
-from mesh import RegistryService
-from plugin_sdk import InvalidMessage, PluginInfo, PluginRegistry
+from mesh import NatsServer, RegistryService, close, connect, free_port
+from plugin_sdk import CommunicationError, InvalidMessage, PluginInfo, PluginRegistry
 from tests.conftest import eventually
 
 
@@ -99,3 +101,40 @@ async def test_bad_registry_requests_get_typed_errors(nc: NATS, prefix: str, reg
     reply = await nc.request(f"{prefix}.registry.list", b"{oops", timeout=2)
     assert reply.headers is not None and reply.headers["Nats-Service-Error-Code"] == "400"
     assert await client.list_plugins() == []  # and it keeps serving
+
+
+async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path, port=free_port())
+    server.start()
+    conns = [await connect(server.url, name=f"replica-{i}") for i in range(2)]
+    try:
+        a, b = (RegistryService(nc, prefix="r", sweep_interval=0.1) for nc in conns)
+        async with a, b:
+            client = PluginRegistry(conns[0], prefix="r")
+            await client.register_plugin(info("svc-1", interval=30))
+            await eventually(lambda: _true("svc-1" in b._instances), what="replica b to see svc-1")
+
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)  # same port and store
+            await eventually(lambda: _true(all(nc.is_connected for nc in conns)), what="reconnect")
+
+            async def registered() -> bool:
+                try:
+                    await client.register_plugin(info("svc-2", interval=30))
+                    return True
+                except CommunicationError:  # replicas still resubscribing
+                    return False
+
+            await eventually(registered, timeout=15, what="a write after the restart")
+            # Whichever replica took the write, the other one's cache follows it.
+            await eventually(lambda: _true({"svc-1", "svc-2"} <= set(a._instances) and
+                                           {"svc-1", "svc-2"} <= set(b._instances)),
+                             timeout=15, what="both caches to hold svc-1 and svc-2")
+    finally:
+        for nc in conns:
+            await close(nc)
+        server.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
