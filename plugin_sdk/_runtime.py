@@ -255,7 +255,7 @@ class PluginRuntime:
                                       f"max_payload of {self.config.max_payload}", plugin=self.config.name)
             message = message_from_msg(msg, target=self.config.name)
             message_id = message.id
-            timeout = _timeout(headers.get(H_TIMEOUT), self.config.handler_timeout)
+            timeout = min(_timeout(headers.get(H_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
             try:
                 async with asyncio.timeout(timeout):
                     result = await self.plugin.handle_message(message)
