@@ -158,3 +158,12 @@ async def test_invalid_config_is_refused() -> None:
         PluginConfig(name="x").merged({"version": "1.0"}, source="inline")
     with pytest.raises(ConfigError, match="max_concurrency"):
         PluginConfig(name="x").merged({"max_concurrency": "lots"}, source="inline")
+
+
+async def test_handler_timeout_bounds_a_patient_caller(nc: NATS, prefix: str, registry: object,
+                                                       messaging: PluginMessaging) -> None:
+    config = Touchy.default_config().merged({"handler_timeout": 0.3})
+    async with PluginRuntime(Touchy(), nc, prefix=prefix, config=config):
+        with pytest.raises(RequestTimeout, match="did not finish within 0.3s"):
+            await messaging.send_message("touchy", operation="hang", timeout=30)
+        await still_serving(messaging)
