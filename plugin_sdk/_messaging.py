@@ -20,6 +20,7 @@ from ._registry import PluginRegistry
 from ._wire import (
     Subjects,
     check_event_type,
+    check_token,
     dumps,
     message_from_msg,
     request,
@@ -115,7 +116,7 @@ class PluginMessaging:
                  registry: PluginRegistry | None = None, default_timeout: float = 5.0) -> None:
         self._nc = nc
         self.subjects = Subjects(prefix)
-        self._source = source
+        self._source = check_token(source, what="source name")
         self._instance = source_instance
         self._perms = permissions
         self._registry = registry or PluginRegistry(nc, prefix=prefix)
@@ -124,6 +125,8 @@ class PluginMessaging:
 
     def _message(self, target: str, message_or_payload: Any, kind: MessageKind | None,
                  operation: str | None, metadata: dict[str, str] | None) -> Message:
+        if operation is not None:
+            check_token(operation, what="operation name")
         if isinstance(message_or_payload, Message):
             msg = message_or_payload.model_copy()
             if kind is not None:
@@ -133,6 +136,8 @@ class PluginMessaging:
             if metadata:
                 msg.metadata = {**msg.metadata, **metadata}
             msg.source, msg.source_instance, msg.target = self._source, self._instance, target
+            if msg.operation is not None:
+                check_token(msg.operation, what="operation name")
             return msg
         if metadata:
             metadata = Message(metadata=metadata).metadata  # validated: str → str

@@ -43,13 +43,14 @@ from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
 from ._state import StateStore, open_bucket
 from ._wire import (
-    H_PROTOCOL,
-    H_TIMEOUT,
+    E_INSTANCE,
+    E_TIMEOUT,
     PROTOCOL_VERSION,
     Subjects,
     dumps,
     error_reply,
     message_from_msg,
+    parse_envelope,
     success_reply,
 )
 
@@ -232,7 +233,7 @@ class PluginRuntime:
         task.add_done_callback(self._done)
 
     async def _on_broadcast(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get("Mesh-Source-Instance") == self.instance_id:
+        if parse_envelope(msg.headers).get(E_INSTANCE) == self.instance_id:
             return  # our own broadcast
         await self._on_request(msg)
 
@@ -245,17 +246,17 @@ class PluginRuntime:
         message_id = ""
         reply_headers: dict[str, str] | None
         try:
-            headers = msg.headers or {}
-            proto = headers.get(H_PROTOCOL, PROTOCOL_VERSION)
+            env = parse_envelope(msg.headers)
+            proto = env.get("v", PROTOCOL_VERSION)
             if proto.split(".")[0] != PROTOCOL_VERSION:
                 raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
                                        f"the message uses {proto}", plugin=self.config.name)
             if len(msg.data) > self.config.max_payload:
                 raise PayloadTooLarge(f"message of {len(msg.data)} bytes exceeds {self.config.name}'s "
                                       f"max_payload of {self.config.max_payload}", plugin=self.config.name)
-            message = message_from_msg(msg, target=self.config.name)
+            message = message_from_msg(msg, target=self.config.name, env=env)
             message_id = message.id
-            timeout = min(_timeout(headers.get(H_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
+            timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
             try:
                 async with asyncio.timeout(timeout):
                     result = await self.plugin.handle_message(message)

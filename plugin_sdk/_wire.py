@@ -29,20 +29,22 @@ __all__ = ["PROTOCOL_VERSION", "Subjects"]
 #: The envelope's protocol version. A major bump means an incompatible wire (docs/migration.md).
 PROTOCOL_VERSION: Final = "1"
 
-# Request envelope headers.
-H_ID: Final = "Mesh-Id"
-H_SOURCE: Final = "Mesh-Source"
-H_SOURCE_INSTANCE: Final = "Mesh-Source-Instance"
-H_KIND: Final = "Mesh-Kind"
-H_OPERATION: Final = "Mesh-Operation"
+#: The envelope: ONE header, ``Mesh: <protocol>;id=…;src=…;inst=…;kind=…;op=…;t=…``, with the
+#: defaults (kind=command, empty fields) left out. One header rather than one per field because
+#: nats-py parses header lines in Python: five lines cost ~6.4 µs a message, one ~1.3 µs (see
+#: docs/subjects.md). Replies carry ``Mesh: 1;inst=<instance>``.
+H_ENVELOPE: Final = "Mesh"
+#: Message metadata, a JSON object, only when there is some.
 H_METADATA: Final = "Mesh-Metadata"
-H_PROTOCOL: Final = "Mesh-Protocol"
-H_TIMEOUT: Final = "Mesh-Timeout"
-# Reply headers.
-H_INSTANCE: Final = "Mesh-Instance"
-H_ERROR: Final = "Nats-Service-Error"  # ADR-32
-H_ERROR_CODE: Final = "Nats-Service-Error-Code"  # ADR-32
+# Error replies (ADR-32 service errors, readable by any NATS tool), plus the error class.
+H_ERROR: Final = "Nats-Service-Error"
+H_ERROR_CODE: Final = "Nats-Service-Error-Code"
 H_ERROR_TYPE: Final = "Mesh-Error-Type"
+
+#: Envelope fields: message id, source plugin, source instance, kind, operation, timeout (s).
+E_ID, E_SOURCE, E_INSTANCE, E_KIND, E_OPERATION, E_TIMEOUT = "id", "src", "inst", "kind", "op", "t"
+#: Envelope values may not contain these (they delimit fields).
+_ENVELOPE_UNSAFE = re.compile(r"[;=\s]")
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -128,55 +130,78 @@ def loads(data: bytes, *, what: str = "message body") -> Any:
         raise InvalidMessage(f"{what} is not valid JSON: {exc}") from None
 
 
+def check_token(value: str, *, what: str) -> str:
+    """Operation names and sources travel in the envelope: no ';', '=' or whitespace."""
+    if not value or _ENVELOPE_UNSAFE.search(value):
+        raise InvalidMessage(f"invalid {what} {value!r}: no ';', '=' or whitespace, not empty")
+    return value
+
+
 def request_headers(message: Message, *, timeout: float | None = None) -> dict[str, str]:
-    # Every header costs parsing on the far side: send only what differs from the defaults.
-    headers = {H_PROTOCOL: PROTOCOL_VERSION, H_ID: message.id}
-    if message.kind is not MessageKind.COMMAND:
-        headers[H_KIND] = message.kind.value
+    """The envelope of ``message`` (defaults left out: every byte is parsed on the far side)."""
+    env = f"{PROTOCOL_VERSION};id={message.id}"
     if message.source:
-        headers[H_SOURCE] = message.source
+        env += f";src={message.source}"
     if message.source_instance:
-        headers[H_SOURCE_INSTANCE] = message.source_instance
+        env += f";inst={message.source_instance}"
+    if message.kind is not MessageKind.COMMAND:
+        env += f";kind={message.kind.value}"
     if message.operation:
-        headers[H_OPERATION] = message.operation
-    if message.metadata:
-        headers[H_METADATA] = pydantic_core.to_json(message.metadata).decode()
+        env += f";op={message.operation}"
     if timeout is not None:
-        headers[H_TIMEOUT] = f"{timeout:g}"
-    return headers
+        env += f";t={timeout:g}"
+    if message.metadata:
+        return {H_ENVELOPE: env, H_METADATA: pydantic_core.to_json(message.metadata).decode()}
+    return {H_ENVELOPE: env}
 
 
-def message_from_msg(msg: Msg, *, target: str) -> Message:
+def parse_envelope(headers: dict[str, str] | None) -> dict[str, str]:
+    """The envelope's fields, with the protocol under ``"v"``; ``{}`` when there is none."""
+    raw = headers.get(H_ENVELOPE) if headers else None
+    if not raw:
+        return {}
+    proto, _, rest = raw.partition(";")
+    env = {"v": proto.strip()}
+    if rest:
+        for part in rest.split(";"):
+            key, _, value = part.partition("=")
+            env[key.strip()] = value.strip()
+    return env
+
+
+def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None) -> Message:
     """Rebuild a :class:`Message` from a received NATS message.
 
-    A message without our headers (``nats req mesh.plugin.echo '{...}'``) is accepted: it becomes
+    A message without our envelope (``nats req mesh.plugin.echo '{...}'``) is accepted: it becomes
     a command from source ``""`` with a fresh id. A body that is not JSON raises InvalidMessage.
     """
-    h = msg.headers or {}
+    h = msg.headers
+    if env is None:
+        env = parse_envelope(h)
     metadata: dict[str, str] = {}
-    raw_meta = h.get(H_METADATA)
+    raw_meta = h.get(H_METADATA) if h else None
     if raw_meta:
         meta = loads(raw_meta.encode(), what=f"{H_METADATA} header")
         if not isinstance(meta, dict):
             raise InvalidMessage(f"{H_METADATA} header must be a JSON object")
         metadata = {str(k): str(v) for k, v in meta.items()}
-    kind_raw = h.get(H_KIND)
+    kind_raw = env.get(E_KIND)
     if kind_raw is None:
         kind = MessageKind.COMMAND
     else:
         try:
             kind = MessageKind(kind_raw)
         except ValueError:
-            raise InvalidMessage(f"unknown {H_KIND} {kind_raw!r}") from None
+            raise InvalidMessage(f"unknown message kind {kind_raw!r} in the {H_ENVELOPE} header") from None
     return fast_model(Message, {
-        "id": h.get(H_ID) or new_id(),
-        "source": h.get(H_SOURCE, ""),
+        "id": env.get(E_ID) or new_id(),
+        "source": env.get(E_SOURCE, ""),
         "target": target,
         "payload": loads(msg.data),
         "metadata": metadata,
         "kind": kind,
-        "operation": h.get(H_OPERATION),
-        "source_instance": h.get(H_SOURCE_INSTANCE),
+        "operation": env.get(E_OPERATION),
+        "source_instance": env.get(E_INSTANCE),
     })
 
 
@@ -184,27 +209,28 @@ def message_from_msg(msg: Msg, *, target: str) -> Message:
 # Replies
 
 def success_reply(result: Any, *, instance: str | None) -> tuple[bytes, dict[str, str] | None]:
-    # The caller knows the message id and protocol already; a success carries only who answered.
-    return dumps(result), ({H_INSTANCE: instance} if instance else None)
+    # The caller knows the message id already; a success carries only who answered.
+    return dumps(result), ({H_ENVELOPE: f"{PROTOCOL_VERSION};inst={instance}"} if instance else None)
 
 
 def error_reply(info: ErrorInfo, *, message_id: str, instance: str | None) -> tuple[bytes, dict[str, str]]:
+    env = f"{PROTOCOL_VERSION};id={message_id}" if message_id else PROTOCOL_VERSION
+    if instance:
+        env += f";inst={instance}"
     headers = {
-        H_PROTOCOL: PROTOCOL_VERSION,
-        H_ID: message_id,
+        H_ENVELOPE: env,
         H_ERROR: info.message.replace("\r", " ").replace("\n", " ")[:1024],
         H_ERROR_CODE: str(info.code),
         H_ERROR_TYPE: info.type,
     }
-    if instance:
-        headers[H_INSTANCE] = instance
     return pydantic_core.to_json({"error": info.model_dump()}), headers
 
 
 def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
     """Turn a reply into a :class:`Response` (an error reply sets ``.error``)."""
     h = msg.headers or {}
-    source = h.get(H_INSTANCE)
+    env = parse_envelope(h)
+    source = env.get(E_INSTANCE)
     if H_ERROR in h or H_ERROR_CODE in h:
         info: ErrorInfo | None = None
         try:
@@ -217,9 +243,9 @@ def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
             code = h.get(H_ERROR_CODE, "500")
             info = ErrorInfo(type=h.get(H_ERROR_TYPE, "HandlerError"), message=h.get(H_ERROR, ""),
                              code=int(code) if code.isdigit() else 500)
-        return fast_model(Response, {"message_id": h.get(H_ID, message_id), "result": None, "error": info,
+        return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": None, "error": info,
                                      "source": source, "metadata": {}})
-    return fast_model(Response, {"message_id": h.get(H_ID, message_id), "result": loads(msg.data, what="reply"),
+    return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": loads(msg.data, what="reply"),
                                  "error": None, "source": source, "metadata": {}})
 
 

@@ -146,7 +146,7 @@ async def test_not_json_serialisable_payload_and_result(touchy: Any, messaging: 
 
 async def test_newer_protocol_is_refused_with_a_typed_error(nc: NATS, prefix: str, touchy: Any) -> None:
     reply = await nc.request(f"{prefix}.plugin.touchy", b"{}", timeout=5,
-                             headers={"Mesh-Protocol": "2", "Mesh-Operation": "ok"})
+                             headers={"Mesh": "2;op=ok"})
     with pytest.raises(ProtocolMismatch, match="speaks mesh protocol 1"):
         response_from_msg(reply).raise_for_error()
 
@@ -167,3 +167,10 @@ async def test_handler_timeout_bounds_a_patient_caller(nc: NATS, prefix: str, re
         with pytest.raises(RequestTimeout, match="did not finish within 0.3s"):
             await messaging.send_message("touchy", operation="hang", timeout=30)
         await still_serving(messaging)
+
+
+async def test_envelope_breaking_operation_names_are_refused(touchy: Any, messaging: PluginMessaging) -> None:
+    for bad in ["a;b", "x=1", "two words", ""]:
+        with pytest.raises(InvalidMessage, match="invalid operation name"):
+            await messaging.send_message("touchy", operation=bad)
+    await still_serving(messaging)
