@@ -114,7 +114,8 @@ class Response(BaseModel):
     message_id: str = ""
     result: Any = None
     error: ErrorInfo | None = None
-    #: Which plugin instance answered.
+    #: Which plugin instance answered: set on broadcast replies and on errors. A direct reply
+    #: carries no header at all (it is the hot path); ask the plugin, or trace, to know more.
     source: str | None = None
     #: Extra reply metadata (headers the handler set).
     metadata: dict[str, str] = Field(default_factory=dict)

@@ -225,28 +225,31 @@ class PluginRuntime:
             self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler)))
 
     async def _on_request(self, msg: Msg) -> None:
+        await self._dispatch(msg, parse_envelope(msg.headers), broadcast=False)
+
+    async def _on_broadcast(self, msg: Msg) -> None:
+        env = parse_envelope(msg.headers)
+        if env.get(E_INSTANCE) == self.instance_id:
+            return  # our own broadcast
+        await self._dispatch(msg, env, broadcast=True)
+
+    async def _dispatch(self, msg: Msg, env: dict[str, str], *, broadcast: bool) -> None:
         # nats-py runs one subscription's callbacks one at a time: hand each message to its own
         # task, bounded by max_concurrency (waiting here is the backpressure).
         await self._sem.acquire()
-        task = asyncio.create_task(self._handle(msg))
+        task = asyncio.create_task(self._handle(msg, env, broadcast))
         self._inflight.add(task)
         task.add_done_callback(self._done)
-
-    async def _on_broadcast(self, msg: Msg) -> None:
-        if parse_envelope(msg.headers).get(E_INSTANCE) == self.instance_id:
-            return  # our own broadcast
-        await self._on_request(msg)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._sem.release()
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg, env: dict[str, str], broadcast: bool) -> None:
         started = time.perf_counter()
         message_id = ""
         reply_headers: dict[str, str] | None
         try:
-            env = parse_envelope(msg.headers)
             proto = env.get("v", PROTOCOL_VERSION)
             if proto.split(".")[0] != PROTOCOL_VERSION:
                 raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
@@ -268,9 +271,9 @@ class PluginRuntime:
                     body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
                     self.metrics.increment("errors")
                 else:
-                    body, reply_headers = self._success(result.result)
+                    body, reply_headers = self._success(result.result, broadcast)
             else:
-                body, reply_headers = self._success(result)
+                body, reply_headers = self._success(result, broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
             self.metrics.increment("errors")
             self._log_failure(exc, msg)
@@ -284,9 +287,11 @@ class PluginRuntime:
             except nats.errors.Error as exc:
                 self.log.warning("could not reply on %s: %s", msg.subject, exc)
 
-    def _success(self, result: Any) -> tuple[bytes, dict[str, str] | None]:
+    def _success(self, result: Any, broadcast: bool) -> tuple[bytes, dict[str, str] | None]:
+        # A direct reply needs no header (the caller knows what it asked); a broadcast reply names
+        # its instance, so the sender can tell who answered and who is missing.
         try:
-            body, headers = success_reply(result, instance=self.instance_id)
+            body, headers = success_reply(result, instance=self.instance_id if broadcast else None)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.config.name} returned a value that is not JSON-serialisable: {exc}") from None
         if len(body) > self.nc.max_payload:

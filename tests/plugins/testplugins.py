@@ -18,8 +18,9 @@ class Relay(Plugin):
 
     async def handle_message(self, message: Message) -> Any:
         assert self.context is not None
-        reply = await self.context.messaging.send_message(message.payload["to"], message.payload["body"])
-        return {"via": self.context.runtime.instance_id, "reply": reply.result, "from": reply.source}
+        reply = await self.context.messaging.send_message(message.payload["to"], message.payload["body"],
+                                                          operation=message.payload.get("op"))
+        return {"via": self.context.runtime.instance_id, "reply": reply.result}
 
 
 class Faulty(Plugin):
