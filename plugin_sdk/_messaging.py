@@ -18,6 +18,9 @@ from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, Permis
 from ._message import BroadcastResult, Message, MessageKind, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
+    H_ENVELOPE,
+    H_METADATA,
+    PROTOCOL_VERSION,
     Subjects,
     check_event_type,
     check_token,
@@ -98,14 +101,11 @@ class EventSubscription:
 
 
 def _event_from_msg(msg: Msg, subjects: Subjects) -> Message | None:
-    event_type = subjects.event_type(msg.subject)
     try:
-        event = message_from_msg(msg, target=event_type)
+        return message_from_msg(msg, target=subjects.event_type(msg.subject), kind=MessageKind.EVENT)
     except InvalidMessage as exc:
         log.warning("dropped malformed event on %s: %s", msg.subject, exc)
         return None
-    event.kind = MessageKind.EVENT
-    return event
 
 
 class PluginMessaging:
@@ -122,6 +122,9 @@ class PluginMessaging:
         self._registry = registry or PluginRegistry(nc, prefix=prefix)
         self._timeout = default_timeout
         self._subscriptions: set[EventSubscription] = set()
+        # The envelope's constant tail, and event subjects already checked (the publish hot path).
+        self._env_tail = f";src={self._source}" + (f";inst={source_instance}" if source_instance else "")
+        self._event_subjects: dict[str, str] = {}
 
     def _message(self, target: str, message_or_payload: Any, kind: MessageKind | None,
                  operation: str | None, metadata: dict[str, str] | None) -> Message:
@@ -226,13 +229,21 @@ class PluginMessaging:
     async def publish_event(self, event_type: str, payload: Any = None, *,
                             metadata: dict[str, str] | None = None) -> None:
         """Publish an event to every subscriber of a matching pattern (at most once, no reply)."""
-        check_event_type(event_type)
-        self._allow("publish", self._perms.publish if self._perms else None, event_type)
-        msg = self._message(event_type, payload, MessageKind.EVENT, None, metadata)
-        subject = self.subjects.event(event_type)
-        body = self._encode(msg, subject)
+        subject = self._event_subjects.get(event_type)
+        if subject is None:
+            check_event_type(event_type)
+            self._allow("publish", self._perms.publish if self._perms else None, event_type)
+            subject = self.subjects.event(event_type)
+            if len(self._event_subjects) > 4096:
+                self._event_subjects.clear()
+            self._event_subjects[event_type] = subject
+        body = self._encode_payload(payload, subject, event_type)
+        # The kind is implied by the subject; build the envelope without a Message (hot path).
+        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()}{self._env_tail}"}
+        if metadata:
+            headers[H_METADATA] = dumps(Message(metadata=metadata).metadata).decode()
         try:
-            await self._nc.publish(subject, body, headers=request_headers(msg))
+            await self._nc.publish(subject, body, headers=headers)
         except nats.errors.ConnectionClosedError:
             raise CommunicationError("NATS connection is closed", subject=subject) from None
 
@@ -249,12 +260,14 @@ class PluginMessaging:
             await sub.close()
 
     def _encode(self, msg: Message, subject: str) -> bytes:
+        return self._encode_payload(msg.payload, subject, msg.target)
+
+    def _encode_payload(self, payload: Any, subject: str, target: str) -> bytes:
         try:
-            body = dumps(msg.payload)
+            body = dumps(payload)
         except (TypeError, ValueError) as exc:
             raise InvalidMessage(f"payload is not JSON-serialisable: {exc}", subject=subject) from None
         if len(body) > self._nc.max_payload:
             raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds the server's limit of "
-                                  f"{self._nc.max_payload} bytes", plugin=msg.target, subject=subject)
+                                  f"{self._nc.max_payload} bytes", plugin=target, subject=subject)
         return body
-

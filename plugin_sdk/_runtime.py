@@ -37,7 +37,7 @@ from ._errors import (
     ProtocolMismatch,
     RequestTimeout,
 )
-from ._message import ErrorInfo, Health, Message, PluginInfo, Response
+from ._message import ErrorInfo, Health, Message, MessageKind, PluginInfo, Response
 from ._messaging import PluginMessaging
 from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
@@ -328,9 +328,8 @@ class PluginRuntime:
     def _event_callback(self, handler: Callable[[Message], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
         async def on_event(msg: Msg) -> None:
             try:
-                event = message_from_msg(msg, target=self.subjects.event_type(msg.subject))
-                event.kind = event.kind.EVENT
-                await handler(event)
+                await handler(message_from_msg(msg, target=self.subjects.event_type(msg.subject),
+                                               kind=MessageKind.EVENT))
                 self.metrics.increment("events")
             except Exception as exc:  # one bad event must not stop the subscription; logged with context
                 self.metrics.increment("event_errors")

@@ -169,7 +169,8 @@ def parse_envelope(headers: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None) -> Message:
+def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None,
+                     kind: MessageKind | None = None) -> Message:
     """Rebuild a :class:`Message` from a received NATS message.
 
     A message without our envelope (``nats req mesh.plugin.echo '{...}'``) is accepted: it becomes
@@ -186,7 +187,9 @@ def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None
             raise InvalidMessage(f"{H_METADATA} header must be a JSON object")
         metadata = {str(k): str(v) for k, v in meta.items()}
     kind_raw = env.get(E_KIND)
-    if kind_raw is None:
+    if kind is not None:  # the subject says (events)
+        pass
+    elif kind_raw is None:
         kind = MessageKind.COMMAND
     else:
         try:
