@@ -164,7 +164,7 @@ async def test_handler_timeout_bounds_a_patient_caller(nc: NATS, prefix: str, re
                                                        messaging: PluginMessaging) -> None:
     config = Touchy.default_config().merged({"handler_timeout": 0.3})
     async with PluginRuntime(Touchy(), nc, prefix=prefix, config=config):
-        with pytest.raises(RequestTimeout, match="did not finish within 0.3s"):
+        with pytest.raises(RequestTimeout, match=r"did not finish within 0\.3s"):
             await messaging.send_message("touchy", operation="hang", timeout=30)
         await still_serving(messaging)
 
