@@ -51,13 +51,17 @@ class RegistryService:
         self.expire_after = expire_after
         self.sweep_interval = sweep_interval
         self._kv: KeyValue | None = None
-        self._instances: dict[str, tuple[PluginInfo, int]] = {}  # id → (info, KV revision)
-        self._versions: dict[str, dict[str, VersionRecord]] = {}
+        self._cache = _Cache()
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._watcher: KeyValue.KeyWatcher | None = None
         self._watch_epoch = 0
+
+    @property
+    def instance_ids(self) -> set[str]:
+        """The instance ids this replica currently knows (its cache, for diagnostics and tests)."""
+        return set(self._cache.instances)
 
     async def __aenter__(self) -> RegistryService:
         await self.start()
@@ -109,41 +113,19 @@ class RegistryService:
         while True:
             self._watch_epoch = self.nc.stats["reconnects"]
             self._watcher = watcher = await self._kv.watchall()
-            fresh: tuple[dict[str, tuple[PluginInfo, int]], dict[str, dict[str, VersionRecord]]] | None = ({}, {})
+            fresh: _Cache | None = _Cache()
             try:
                 async for entry in watcher:
                     if entry is None:  # the initial values are all in: swap them in
                         if fresh is not None:
-                            self._instances, self._versions = fresh
-                            fresh = None
+                            self._cache, fresh = fresh, None
                         self._ready.set()
                         continue
-                    self._apply(entry.key, entry.value, entry.revision or 0, entry.operation,
-                                into=fresh or (self._instances, self._versions))
+                    (fresh or self._cache).apply(entry.key, entry.value, entry.revision or 0, entry.operation)
             finally:
                 with contextlib.suppress(nats.errors.Error):
                     await watcher.stop()  # type: ignore[no-untyped-call]
             log.info("registry watcher restarted after a reconnect")
-
-    def _apply(self, key: str, value: bytes | None, revision: int, operation: str | None, *,
-               into: tuple[dict[str, tuple[PluginInfo, int]], dict[str, dict[str, VersionRecord]]]) -> None:
-        instances, versions = into
-        kind, _, ident = key.partition(".")
-        deleted = operation in ("DEL", "PURGE")
-        try:
-            if kind == "instances":
-                if deleted:
-                    instances.pop(ident, None)
-                else:
-                    instances[ident] = (PluginInfo.model_validate_json(value or b"{}"), revision)
-            elif kind == "versions":
-                if deleted:
-                    versions.pop(ident, None)
-                else:
-                    raw = loads(value or b"")
-                    versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
-        except (ValidationError, InvalidMessage, AttributeError) as exc:
-            log.warning("ignored a malformed registry entry %s: %s", key, exc)
 
     def _current(self, info: PluginInfo, now: float) -> PluginInfo:
         if info.health in (Health.STOPPING, Health.STARTING):
@@ -154,11 +136,25 @@ class RegistryService:
 
     # -- writes ------------------------------------------------------------------------
 
-    async def _put_instance(self, info: PluginInfo) -> None:
+    async def _put_instance(self, info: PluginInfo, *, last: int | None = None) -> None:
+        """Write ``info`` (only over revision ``last`` when given: KeyWrongLastSequenceError else)."""
         assert self._kv is not None
         info = info.model_copy(update={"last_seen": time.time()})
-        rev = await self._kv.put(f"instances.{info.id}", dumps(info.model_dump(mode="json")))
-        self._instances[info.id] = (info, rev)
+        key, data = f"instances.{info.id}", dumps(info.model_dump(mode="json"))
+        rev = await (self._kv.update(key, data, last=last) if last else self._kv.put(key, data))
+        # Read-your-writes on this replica, unless the watcher already saw something newer (an
+        # unregister that overtook this write must win).
+        self._cache.set_instance(info, rev)
+
+    async def _delete_instance(self, ident: str, *, last: int | None = None) -> None:
+        """Delete the key and forget it here, at the delete's own revision."""
+        assert self._kv is not None
+        headers = {"KV-Operation": "DEL"}
+        if last:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        ack = await self.nc.jetstream().publish(f"$KV.{self.subjects.registry_bucket}.instances.{ident}",
+                                                b"", headers=headers)
+        self._cache.apply(f"instances.{ident}", None, ack.seq, "DEL")
 
     async def _record_version(self, info: PluginInfo) -> None:
         assert self._kv is not None
@@ -213,27 +209,37 @@ class RegistryService:
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             info = PluginInfo.model_validate_json(msg.data)
-            known = info.id in self._instances
-            await self._put_instance(info)
-            if not known:  # first sight (registry was down at registration, or forgot it)
+            known = self._cache.instances.get(info.id)
+            if known is None:
+                if info.health == Health.STOPPING:
+                    return  # a last beat that lost the race with its own unregister: do not resurrect
+                await self._put_instance(info)  # first sight: the registry was down, or forgot it
                 await self._record_version(info)
+                return
+            try:
+                await self._put_instance(info, last=known[1])
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # Changed since this replica looked: deleted by an unregister on another replica,
+                # or expired. A last ("stopping") beat must not bring it back; a live one must.
+                if info.health != Health.STOPPING:
+                    await self._put_instance(info)
         except (ValidationError, nats.errors.Error) as exc:  # a heartbeat has no reply: log and go on
             log.warning("heartbeat ignored: %s: %s", type(exc).__name__, exc)
 
     async def _unregister(self, body: Any) -> bool:
         assert self._kv is not None
         ident = _str_field(body, "id")
-        known = self._instances.pop(ident, None) is not None
-        await self._kv.delete(f"instances.{ident}")
+        known = ident in self._cache.instances
+        await self._delete_instance(ident)
         log.info("unregistered %s", ident)
         return known
 
     async def _get(self, body: Any) -> Any:
         key = _str_field(body, "key")
         now = time.time()
-        if key in self._instances:
-            return self._current(self._instances[key][0], now).model_dump(mode="json")
-        candidates = [self._current(i, now) for i, _ in self._instances.values() if i.name == key]
+        if key in self._cache.instances:
+            return self._current(self._cache.instances[key][0], now).model_dump(mode="json")
+        candidates = [self._current(i, now) for i, _ in self._cache.instances.values() if i.name == key]
         if not candidates:
             return None
         best = max(candidates, key=lambda i: (i.health == Health.HEALTHY, i.started_at))
@@ -245,7 +251,7 @@ class RegistryService:
         healthy_only = bool(body.get("healthy_only")) if isinstance(body, dict) else False
         now = time.time()
         out = []
-        for info, _ in sorted(self._instances.values(), key=lambda p: (p[0].name, p[0].started_at)):
+        for info, _ in sorted(self._cache.instances.values(), key=lambda p: (p[0].name, p[0].started_at)):
             if name and info.name != name:
                 continue
             info = self._current(info, now)
@@ -257,7 +263,7 @@ class RegistryService:
     async def _list_versions(self, body: Any) -> list[Any]:
         name = body.get("name") if isinstance(body, dict) else None
         out = []
-        for plugin, records in sorted(self._versions.items()):
+        for plugin, records in sorted(self._cache.versions.items()):
             if name and plugin != name:
                 continue
             out += [r.model_dump(mode="json") for r in sorted(records.values(), key=lambda r: r.first_seen)]
@@ -274,19 +280,66 @@ class RegistryService:
                 except nats.errors.Error as exc:
                     log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
             now = time.time()
-            for ident, (info, rev) in list(self._instances.items()):
+            for ident, (info, rev) in list(self._cache.instances.items()):
                 if now - info.last_seen > self.expire_after:
                     try:
-                        await self._kv.delete(f"instances.{ident}", last=rev)
-                        self._instances.pop(ident, None)
+                        await self._delete_instance(ident, last=rev)
                         log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
                     except nats.js.errors.APIError:
-                        pass  # it beat meanwhile (revision moved on), or another replica deleted it
+                        # The revision moved on: it beat meanwhile (the watcher brings the news),
+                        # or it is gone already, and then this cache must forget it too.
+                        await self._forget_if_gone(ident)
                     except nats.errors.Error as exc:
                         log.debug("sweep deferred: %s", exc)
+
+    async def _forget_if_gone(self, ident: str) -> None:
+        assert self._kv is not None
+        try:
+            await self._kv.get(f"instances.{ident}")
+        except nats.js.errors.KeyNotFoundError as gone:
+            rev = gone.entry.revision if gone.entry is not None and gone.entry.revision else 0
+            self._cache.apply(f"instances.{ident}", None, max(rev, self._cache.revision(ident) + 1), "DEL")
 
 
 def _str_field(body: Any, field: str) -> str:
     if not isinstance(body, dict) or not isinstance(body.get(field), str):
         raise InvalidMessage(f"request body must be a JSON object with a string {field!r}")
     return str(body[field])
+
+
+class _Cache:
+    """A replica's view of the bucket. Every change carries its KV revision; older news loses."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, tuple[PluginInfo, int]] = {}  # id → (info, revision)
+        self.versions: dict[str, dict[str, VersionRecord]] = {}
+        self._revs: dict[str, int] = {}  # instance id → newest revision seen, deletes included
+
+    def revision(self, ident: str) -> int:
+        return self._revs.get(ident, 0)
+
+    def set_instance(self, info: PluginInfo, revision: int) -> None:
+        if revision > self._revs.get(info.id, 0):
+            self._revs[info.id] = revision
+            self.instances[info.id] = (info, revision)
+
+    def apply(self, key: str, value: bytes | None, revision: int, operation: str | None) -> None:
+        kind, _, ident = key.partition(".")
+        deleted = operation in ("DEL", "PURGE")
+        try:
+            if kind == "instances":
+                if revision and revision <= self._revs.get(ident, 0):
+                    return  # already know something newer
+                self._revs[ident] = revision
+                if deleted:
+                    self.instances.pop(ident, None)
+                else:
+                    self.instances[ident] = (PluginInfo.model_validate_json(value or b"{}"), revision)
+            elif kind == "versions":
+                if deleted:
+                    self.versions.pop(ident, None)
+                else:
+                    raw = loads(value or b"")
+                    self.versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
+        except (ValidationError, InvalidMessage, AttributeError) as exc:
+            log.warning("ignored a malformed registry entry %s: %s", key, exc)

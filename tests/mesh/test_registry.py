@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import NatsServer, RegistryService, close, connect, free_port
-from plugin_sdk import CommunicationError, InvalidMessage, PluginInfo, PluginRegistry
+from plugin_sdk import CommunicationError, Health, InvalidMessage, PluginInfo, PluginRegistry
 from tests.conftest import eventually
 
 
@@ -76,7 +76,7 @@ async def test_restart_loses_nothing_and_replicas_agree(nc: NATS, prefix: str) -
             return all([len(await client.list_plugins()) == 6 for _ in range(6)])
 
         await eventually(both_see_it, timeout=5, what="replicas to converge")
-        assert "svc-new" in a._instances
+        assert "svc-new" in a.instance_ids
 
 
 async def test_heartbeat_registers_an_instance_the_registry_never_saw(registry: RegistryService,
@@ -112,7 +112,7 @@ async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Pat
         async with a, b:
             client = PluginRegistry(conns[0], prefix="r")
             await client.register_plugin(info("svc-1", interval=30))
-            await eventually(lambda: _true("svc-1" in b._instances), what="replica b to see svc-1")
+            await eventually(lambda: _true("svc-1" in b.instance_ids), what="replica b to see svc-1")
 
             await asyncio.to_thread(server.stop)
             await asyncio.to_thread(server.start)  # same port and store
@@ -127,8 +127,8 @@ async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Pat
 
             await eventually(registered, timeout=15, what="a write after the restart")
             # Whichever replica took the write, the other one's cache follows it.
-            await eventually(lambda: _true({"svc-1", "svc-2"} <= set(a._instances) and
-                                           {"svc-1", "svc-2"} <= set(b._instances)),
+            await eventually(lambda: _true({"svc-1", "svc-2"} <= set(a.instance_ids) and
+                                           {"svc-1", "svc-2"} <= set(b.instance_ids)),
                              timeout=15, what="both caches to hold svc-1 and svc-2")
     finally:
         for nc in conns:
@@ -138,3 +138,33 @@ async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Pat
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_older_news_never_overwrites_newer() -> None:
+    from mesh._registry import _Cache
+
+    cache = _Cache()
+    cache.apply("instances.svc-1", None, 11, "DEL")  # the unregister, seen first
+    cache.set_instance(info("svc-1"), 10)  # a heartbeat's write that was acknowledged before it
+    assert "svc-1" not in cache.instances
+    cache.set_instance(info("svc-1"), 12)  # a genuinely newer registration
+    assert "svc-1" in cache.instances
+    cache.apply("instances.svc-1", info("svc-1").model_dump_json().encode(), 12, None)  # the same, via the watcher
+    cache.apply("instances.svc-1", None, 13, "DEL")
+    assert cache.instances == {}
+
+
+async def test_last_beat_racing_unregister_leaves_no_ghost(nc: NATS, prefix: str) -> None:
+    async with RegistryService(nc, prefix=prefix) as a, RegistryService(nc, prefix=prefix) as b:
+        client = PluginRegistry(nc, prefix=prefix)
+        ids = [f"svc-{i}" for i in range(20)]
+        for ident in ids:
+            await client.register_plugin(info(ident, interval=30))
+        stopping = [info(i, interval=30).model_copy(update={"health": Health.STOPPING}) for i in ids]
+        await asyncio.gather(*(client.heartbeat(s) for s in stopping),
+                             *(client.unregister_plugin(i) for i in ids))
+
+        async def all_gone() -> bool:
+            return not a.instance_ids and not b.instance_ids and await client.list_plugins() == []
+
+        await eventually(all_gone, timeout=5, what="no ghost instances on either replica")
