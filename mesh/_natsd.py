@@ -94,9 +94,12 @@ class NatsServer:
             conf.write_text(f"max_payload: {self.max_payload}\n")
             cmd += ["-c", str(conf)]
         # Own session: a Ctrl-C in the terminal reaches `mesh up`, which stops the server last.
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=child_preexec)
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=child_preexec)
+        except OSError as exc:
+            raise NatsServerError(f"cannot run nats-server {binary!r}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

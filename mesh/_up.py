@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from plugin_sdk import ConfigError
+from plugin_sdk._wire import Subjects
 
 from ._connect import close, connect
 from ._natsd import NatsServer
@@ -40,6 +41,13 @@ class MeshSection(BaseModel):
 
     prefix: str | None = None
     heartbeat_interval: float | None = Field(default=None, gt=0)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None:
+            Subjects(v)  # raises ValueError naming the rule
+        return v
 
 
 class MeshFile(BaseModel):
@@ -126,10 +134,10 @@ async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, bas
 
 
 def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path | None,
-           say: Callable[[str], None]) -> int:
+           say: Callable[[str], None], prefix: str | None = None) -> int:
     """Blocking: run everything until SIGINT/SIGTERM, then stop it all, children first."""
     mesh = load_mesh_file(mesh_file) if mesh_file else MeshFile()
-    prefix = mesh.mesh.prefix or os.environ.get("MESH_PREFIX") or "mesh"
+    prefix = prefix or mesh.mesh.prefix or "mesh"
     heartbeat = mesh.mesh.heartbeat_interval or float(os.environ.get("MESH_HEARTBEAT_INTERVAL", "2"))
     base_dir = mesh_file.parent if mesh_file else Path.cwd()
     server: NatsServer | None = None

@@ -28,6 +28,7 @@ from plugin_sdk import (
     PluginRegistry,
     StateStore,
 )
+from plugin_sdk._config import validate_name
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import Subjects, check_event_type
 
@@ -44,10 +45,10 @@ app.add_typer(state_app, name="state")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL [env MESH_NATS_URL; default {DEFAULT_URL}]",
+NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL (env MESH_NATS_URL; default {DEFAULT_URL}).",
                                              show_default=False)]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh [env MESH_PREFIX; "
-                                               "default mesh]", show_default=False)]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh (env MESH_PREFIX; "
+                                               "default mesh).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
 
@@ -128,6 +129,8 @@ def up(
     port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
     data_dir: Annotated[Path, typer.Option(help="JetStream storage of the embedded server.")] = Path(".mesh"),
     file: Annotated[Path, typer.Option("--file", "-f", help="Plugins to run.")] = Path("mesh.toml"),
+    prefix: Annotated[str | None, typer.Option("--prefix", envvar="MESH_PREFIX", show_default=False,
+                                               help="Subject prefix (default: mesh.toml's, else mesh).")] = None,
 ) -> None:
     """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all."""
     from ._up import run_up
@@ -141,7 +144,8 @@ def up(
         err.print(f"[green]mesh[/green] {line}", highlight=False)
 
     try:
-        code = run_up(nats_url=nats_url, port=port, data_dir=data_dir.resolve(), mesh_file=mesh_file, say=say)
+        code = run_up(nats_url=nats_url, port=port, data_dir=data_dir.resolve(), mesh_file=mesh_file, say=say,
+                      prefix=_prefix(prefix) if prefix else None)
     except KeyboardInterrupt:
         code = 130
     except NatsServerError as exc:
@@ -149,6 +153,8 @@ def up(
         raise _fail(f"{exc}{hint}") from None
     except PluginError as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     raise typer.Exit(code)
 
 
@@ -382,6 +388,10 @@ def publish(
 async def _store(nc: Any, plugin: str, prefix: str | None, *, create: bool = False) -> StateStore:
     import nats.js.errors
 
+    try:
+        validate_name(plugin)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     bucket = Subjects(_prefix(prefix)).state_bucket(plugin)
     try:
         kv = await open_bucket(nc.jetstream(), bucket, create=create)

@@ -105,7 +105,7 @@ class PluginConfig(_Model):
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
     #: Largest request body this plugin accepts, in bytes (the server's own limit also applies).
     max_payload: int = Field(default=1024 * 1024, ge=1)
-    #: Most seconds a handler may run; a caller's shorter timeout (Mesh-Timeout) cuts it shorter.
+    #: Most seconds a handler may run; a caller's shorter timeout (the envelope's t=) cuts it shorter.
     handler_timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("name")

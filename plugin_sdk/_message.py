@@ -117,8 +117,6 @@ class Response(BaseModel):
     #: Which plugin instance answered: set on broadcast replies and on errors. A direct reply
     #: carries no header at all (it is the hot path); ask the plugin, or trace, to know more.
     source: str | None = None
-    #: Extra reply metadata (headers the handler set).
-    metadata: dict[str, str] = Field(default_factory=dict)
 
     def is_success(self) -> bool:
         return self.error is None

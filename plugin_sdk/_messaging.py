@@ -163,7 +163,7 @@ class PluginMessaging:
         Raises :class:`PluginNotFound`, :class:`RequestTimeout`, :class:`PayloadTooLarge`, or — with
         ``raise_on_error`` (the default) — the remote handler's typed error.
         """
-        self._allow("send", self._perms.send if self._perms else None, target)
+        self._allow("send", self._perms.send if self._perms else None, target.split(".", 1)[0])
         msg = self._message(target, message_or_payload, kind, operation, metadata)
         t = timeout if timeout is not None else self._timeout
         subject = self.subjects.target(target)
@@ -247,10 +247,14 @@ class PluginMessaging:
         except nats.errors.ConnectionClosedError:
             raise CommunicationError("NATS connection is closed", subject=subject) from None
 
-    async def subscribe_to_events(self, pattern: str) -> EventSubscription:
-        """Events whose type matches ``pattern`` (NATS wildcards), as an async iterator."""
+    def check_subscribe(self, pattern: str) -> None:
+        """Raise ValueError for a malformed pattern, PermissionDenied for a forbidden one."""
         check_event_type(pattern, pattern=True)
         self._allow("subscribe", self._perms.subscribe if self._perms else None, pattern)
+
+    async def subscribe_to_events(self, pattern: str) -> EventSubscription:
+        """Events whose type matches ``pattern`` (NATS wildcards), as an async iterator."""
+        self.check_subscribe(pattern)
         sub = await self._nc.subscribe(self.subjects.event(pattern))
         return EventSubscription(sub, self.subjects, pattern, self._subscriptions)
 

@@ -7,6 +7,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, TypeAdapter
 
+from ._errors import PluginNotFound
 from ._message import PluginInfo
 from ._wire import Subjects, dumps, request, response_from_msg
 
@@ -42,8 +43,14 @@ class PluginRegistry:
         self._timeout = timeout
 
     async def _call(self, verb: str, body: Any, *, timeout: float | None = None) -> Any:
-        msg = await request(self._nc, self._subjects.registry(verb), dumps(body), headers=None,
-                            timeout=timeout or self._timeout, plugin="registry")
+        subject = self._subjects.registry(verb)
+        try:
+            msg = await request(self._nc, subject, dumps(body), headers=None, timeout=timeout or self._timeout,
+                                plugin="registry")
+        except PluginNotFound:
+            raise PluginNotFound(f"no registry is running for mesh {self._subjects.prefix!r} (nothing serves "
+                                 f"{subject}); start `mesh up` or `mesh registry`", plugin="registry",
+                                 subject=subject) from None
         return response_from_msg(msg).raise_for_error().result
 
     async def register_plugin(self, info: PluginInfo) -> None:

@@ -221,6 +221,7 @@ class PluginRuntime:
         self._subs.append(await self.nc.subscribe(s.broadcast_to(name), cb=self._on_broadcast))
         self._subs.append(await self.nc.subscribe(s.control(self.instance_id, "*"), cb=self._on_control))
         for attr, pattern in self.plugin._event_handlers.items():
+            self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
             self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler)))
 

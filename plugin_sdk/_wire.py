@@ -26,7 +26,7 @@ from ._message import ErrorInfo, Message, MessageKind, Response, fast_model, new
 
 __all__ = ["PROTOCOL_VERSION", "Subjects"]
 
-#: The envelope's protocol version. A major bump means an incompatible wire (docs/migration.md).
+#: The envelope's protocol version. A major bump means an incompatible wire (docs/subjects.md).
 PROTOCOL_VERSION: Final = "1"
 
 #: The envelope: ONE header, ``Mesh: <protocol>;id=…;src=…;inst=…;kind=…;op=…;t=…``, with the
@@ -247,9 +247,9 @@ def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
             info = ErrorInfo(type=h.get(H_ERROR_TYPE, "HandlerError"), message=h.get(H_ERROR, ""),
                              code=int(code) if code.isdigit() else 500)
         return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": None, "error": info,
-                                     "source": source, "metadata": {}})
+                                     "source": source})
     return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": loads(msg.data, what="reply"),
-                                 "error": None, "source": source, "metadata": {}})
+                                 "error": None, "source": source})
 
 
 # ---------------------------------------------------------------------------------------------

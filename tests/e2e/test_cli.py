@@ -154,3 +154,36 @@ async def test_mesh_up_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Path, p
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_mesh_up_refusals_are_one_line(tmp_path: Path, prefix: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mesh]\nprefix = "no spaces allowed"\n')
+    r = await mesh_cli("up", "--file", str(bad), "--data-dir", str(tmp_path / "d"), url="", prefix=prefix)
+    assert r.code == 1 and "invalid mesh prefix" in r.err and str(bad) in r.err and "Traceback" not in r.err
+    bad.write_text('[[plugins]]\nref = "examples.echo:Echo"\ncount = 2\n')
+    r = await mesh_cli("up", "--file", str(bad), "--data-dir", str(tmp_path / "d"), url="", prefix=prefix)
+    assert r.code == 1 and "plugins.0.count" in r.err and "Traceback" not in r.err
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh", "up", "--data-dir", str(tmp_path / "d"), "--file", str(tmp_path / "none.toml"),
+        env=child_env(MESH_PREFIX=prefix), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and b"none.toml: no such file" in err
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh", "up", "--data-dir", str(tmp_path / "d"), "--port", "0",
+        env=child_env(MESH_PREFIX=prefix, MESH_NATS_SERVER=str(tmp_path / "missing-binary")),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, cwd=tmp_path)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and b"cannot run nats-server" in err and b"Traceback" not in err
+
+
+async def test_state_and_registry_errors_name_the_cause(nats_server: NatsServer, prefix: str) -> None:
+    r = await mesh_cli("state", "put", "a.b", "k", "1", url=nats_server.url, prefix=prefix)
+    assert r.code == 1 and "invalid plugin name 'a.b'" in r.err
+    r = await mesh_cli("ls", url=nats_server.url, prefix=prefix)  # no registry on this prefix
+    assert r.code == 1 and f"no registry is running for mesh {prefix!r}" in r.err
+
+
+async def test_help_texts_show_the_environment_variables() -> None:
+    r = await mesh_cli("ls", "--help", url="", prefix="mesh")
+    assert "MESH_NATS_URL" in r.out and "MESH_PREFIX" in r.out

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from plugin_sdk import Message, PermissionDenied, Plugin, PluginConfig, PluginRuntime
+from plugin_sdk import Message, PermissionDenied, Plugin, PluginConfig, PluginRuntime, on_event
 
 
 class Jailed(Plugin):
@@ -43,3 +43,28 @@ async def test_send_publish_subscribe_refusals(nc: NATS, prefix: str, registry: 
         await sub.close()
         with pytest.raises(PermissionDenied, match=r"may not subscribe 'billing.>'"):
             await messaging.subscribe_to_events("billing.>")
+
+
+class Eavesdropper(Plugin):
+    name = "eavesdropper"
+
+    @on_event("billing.>")
+    async def on_billing(self, event: Message) -> None:
+        raise AssertionError("must never be subscribed")
+
+
+async def test_on_event_handlers_obey_subscribe_permissions(nc: NATS, prefix: str, registry: object) -> None:
+    config = PluginConfig.model_validate({"name": "eavesdropper", "permissions": {"subscribe": ["orders.>"]}})
+    plugin = Eavesdropper()
+    with pytest.raises(PermissionDenied, match=r"may not subscribe 'billing\.>'"):
+        await PluginRuntime(plugin, nc, prefix=prefix, config=config).start()
+    assert plugin.state == "failed"
+
+
+async def test_send_permission_covers_every_instance_of_a_name(nc: NATS, prefix: str, registry: object) -> None:
+    config = PluginConfig.model_validate({"name": "jailed", "permissions": {"send": ["open"]}})
+    async with PluginRuntime(Open(), nc, prefix=prefix) as open_rt, \
+            PluginRuntime(Jailed(), nc, prefix=prefix, config=config) as jailed:
+        assert jailed.context is not None
+        reply = await jailed.context.messaging.send_message(f"open.{open_rt.instance_id}")
+        assert reply.result == "open"

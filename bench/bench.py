@@ -1,0 +1,764 @@
+#!/usr/bin/env python
+"""groundhog mesh benchmark: mesh messaging against raw nats-py, in one run on one nats-server.
+
+Run from the repository root::
+
+    python bench/bench.py            # full run (a few minutes)
+    python bench/bench.py --quick    # short run (< 1 minute)
+    python bench/bench.py --json bench/results.json
+
+One nats-server (JetStream on, temporary data directory, free port) is started here; every
+responder runs in its own OS process (``python -m mesh run ...`` for mesh plugins, this file with
+``--role ...`` for the raw nats-py baselines). The client side (this process) measures, for each
+pair of (raw, mesh), back to back and in alternating order over several rounds:
+
+1. request/reply: raw ``nc.request`` to a process that replies the same bytes, against
+   ``PluginMessaging.send_message("echo", ...)`` to ``examples.echo:Echo`` — latency p50/p99 with
+   one request in flight, and throughput with 1 and with ``--concurrency`` (64) in flight;
+2. broadcast to ``--instances`` (10) processes: raw publish + gather the replies on an inbox,
+   against ``PluginMessaging.broadcast_message(target="echo")`` — latency p50/p99;
+3. events: raw ``nc.publish`` to a counting subscriber process, against ``publish_event`` to a
+   plugin counting with ``@on_event`` — events delivered per second.
+
+Latency samples are pooled over the rounds; throughputs are the median over the rounds. The
+ratio is mesh/raw for every row (> 1 is slower for latency, < 1 is slower for throughput).
+The plugin :class:`EventCounter` below is loaded by ``python -m mesh run bench.bench:EventCounter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+import mesh
+from mesh._process import child_preexec
+from plugin_sdk import CommunicationError, Message, Plugin, PluginMessaging, PluginRegistry, on_event
+
+REPO = Path(__file__).resolve().parent.parent
+PAYLOAD: dict[str, Any] = {"text": "hello", "n": 1}
+RAW_BODY = json.dumps(PAYLOAD, separators=(",", ":")).encode()
+REQUEST_TIMEOUT = 10.0
+EVENT_TYPE = "bench.tick"
+COUNTER_PLUGIN = "bench-events"
+
+Op = Callable[[], Awaitable[object]]
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: stop measuring, then clean up."""
+
+
+_signals: list[int] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # Cooperative: the measuring loops check the flag, so the connections and the child processes
+    # are closed in order (cancelling nats-py mid-operation can leave asyncio.run waiting forever).
+    # A second signal interrupts at once.
+    if _signals:
+        raise KeyboardInterrupt
+    _signals.append(signum)
+
+
+def check_interrupted() -> None:
+    if _signals:
+        raise Interrupted(signal.Signals(_signals[0]).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh event subscriber (runs in its own process under `python -m mesh run`)
+
+
+class EventCounter(Plugin):
+    """Counts ``bench.tick`` events; any message returns the counts (operation ``reset`` zeroes them)."""
+
+    name = COUNTER_PLUGIN
+    version = "1.0.0"
+    capabilities = ["bench"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+
+    @on_event(EVENT_TYPE)
+    async def on_tick(self, event: Message) -> None:
+        now = time.monotonic()
+        if not self.count:
+            self.first = now
+        self.count += 1
+        self.last = now
+
+    async def handle_message(self, message: Message) -> Any:
+        if message.operation == "reset":
+            self.count, self.first, self.last = 0, 0.0, 0.0
+        return {"count": self.count, "first": self.first, "last": self.last}
+
+
+# ---------------------------------------------------------------------------------------------
+# The raw nats-py responders (`python bench/bench.py --role raw-echo|raw-counter ...`)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def raw_echo(url: str, subjects: list[str]) -> None:
+    """Reply to every message on ``subjects`` with the same bytes, from the callback."""
+    nc = await nats.connect(url, name="bench raw-echo")
+
+    async def on_msg(msg: Msg) -> None:
+        await nc.publish(msg.reply, msg.data)
+
+    for subject in subjects:
+        await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+    await _until_signalled()
+    await nc.drain()
+
+
+async def raw_counter(url: str, subject: str, control: str) -> None:
+    """Count messages on ``subject``; a request on ``control`` returns the counts (``reset`` zeroes them)."""
+    nc = await nats.connect(url, name="bench raw-counter")
+    counts: dict[str, float] = {"count": 0, "first": 0.0, "last": 0.0}
+
+    async def on_event(msg: Msg) -> None:
+        now = time.monotonic()
+        if not counts["count"]:
+            counts["first"] = now
+        counts["count"] += 1
+        counts["last"] = now
+
+    async def on_control(msg: Msg) -> None:
+        if msg.data == b"reset":
+            counts.update(count=0, first=0.0, last=0.0)
+        await nc.publish(msg.reply, json.dumps(counts).encode())
+
+    await nc.subscribe(subject, cb=on_event)
+    await nc.subscribe(control, cb=on_control)
+    await nc.flush()
+    await _until_signalled()
+    await nc.drain()
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes
+
+
+class Children:
+    """The responder processes; :meth:`stop` terminates them (SIGTERM, then SIGKILL) and waits."""
+
+    def __init__(self, log_dir: Path, url: str) -> None:
+        self.log_dir = log_dir
+        self.url = url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        self.env.setdefault("MESH_LOG_LEVEL", "INFO")
+
+    def spawn(self, name: str, args: list[str]) -> None:
+        # Own session: a Ctrl-C in the terminal reaches only this process, which stops the children
+        # in order; PR_SET_PDEATHSIG (child_preexec) stops them if this process is killed outright.
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env,
+                                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True, preexec_fn=child_preexec)
+
+    def mesh_run(self, name: str, ref: str, prefix: str) -> None:
+        self.spawn(name, ["-m", "mesh", "run", ref, "--nats", self.url, "--prefix", prefix])
+
+    def mesh_registry(self, name: str, prefix: str) -> None:
+        self.spawn(name, ["-m", "mesh", "registry", "--nats", self.url, "--prefix", prefix])
+
+    def raw(self, name: str, role: str, *extra: str) -> None:
+        self.spawn(name, [str(Path(__file__).resolve()), "--role", role, "--nats", self.url, *extra])
+
+    def check(self) -> None:
+        """Raise if a child exited, with the tail of its log."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 8) -> str:
+        try:
+            text = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def stop(self, names: list[str] | None = None, *, timeout: float = 15.0) -> None:
+        """SIGTERM ``names`` (default: all) at once, then wait; SIGKILL whatever outlives ``timeout``."""
+        chosen = list(self.procs) if names is None else [n for n in names if n in self.procs]
+        procs = [self.procs.pop(n) for n in chosen]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Counts:
+    rounds: int = 8
+    seq: int = 3000  # sequential requests per round and side
+    inflight: int = 20000  # requests per round and side at --concurrency in flight
+    concurrency: int = 64
+    broadcasts: int = 400  # sequential broadcasts per round and side
+    events: int = 50000  # events per round and side
+    warmup: int = 300  # sequential warm-up requests / broadcasts (/ 10 events x 10) per side
+    instances: int = 10  # broadcast fan-out
+
+
+QUICK = Counts(rounds=2, seq=400, inflight=2000, broadcasts=60, events=5000, warmup=100)
+
+
+@dataclass
+class Side:
+    """Every sample of one side (raw or mesh)."""
+
+    seq_latency: list[float] = field(default_factory=list)  # seconds, pooled over rounds
+    seq_rps: list[float] = field(default_factory=list)  # one per round
+    inflight_rps: list[float] = field(default_factory=list)
+    bcast_latency: list[float] = field(default_factory=list)
+    event_rate: list[float] = field(default_factory=list)  # delivered events/s, one per round
+    publish_rate: list[float] = field(default_factory=list)  # publisher-side events/s
+    event_loss: list[int] = field(default_factory=list)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+async def sequential(op: Op, n: int) -> tuple[list[float], float]:
+    """Run ``op`` ``n`` times one after the other: (latencies, requests/s)."""
+    latencies = []
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(n):
+        check_interrupted()
+        t = clock()
+        await op()
+        latencies.append(clock() - t)
+    return latencies, n / (clock() - start)
+
+
+async def concurrent(op: Op, n: int, in_flight: int) -> float:
+    """Run ``op`` ``n`` times with ``in_flight`` coroutines each doing one at a time: ops/s."""
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0 and not _signals:
+            remaining -= 1
+            await op()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    check_interrupted()
+    return n / elapsed
+
+
+@dataclass
+class EventTarget:
+    publish: Op
+    stats: Callable[[bool], Awaitable[dict[str, float]]]  # stats(reset)
+    nc: NATS
+
+
+async def event_run(target: EventTarget, n: int) -> tuple[float, float, int]:
+    """Publish ``n`` events as fast as possible: (delivered/s, published/s, events lost).
+
+    Delivered/s is count / (time of the last delivery - time of the first publish), both read
+    from CLOCK_MONOTONIC (system-wide on Linux) in the publisher and subscriber processes.
+    """
+    await target.stats(True)
+    start = time.monotonic()
+    for _ in range(n):
+        await target.publish()
+    check_interrupted()
+    await target.nc.flush()
+    published = n / (time.monotonic() - start)
+    seen, progress_at = -1.0, time.monotonic()
+    while True:
+        check_interrupted()
+        stats = await target.stats(False)
+        if stats["count"] >= n:
+            break
+        if stats["count"] != seen:
+            seen, progress_at = stats["count"], time.monotonic()
+        elif time.monotonic() - progress_at > 3.0:  # stalled: some were dropped
+            break
+        await asyncio.sleep(0.02)
+    count = int(stats["count"])
+    delivered = count / (stats["last"] - start) if count else 0.0
+    return delivered, published, n - count
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[bool]], children: Children,
+                   timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check_interrupted()
+        children.check()
+        with contextlib.suppress(CommunicationError, nats.errors.Error, TimeoutError):
+            if await check():
+                return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def alternate(round_no: int) -> tuple[str, str]:
+    return ("raw", "mesh") if round_no % 2 == 0 else ("mesh", "raw")
+
+
+@dataclass
+class Bench:
+    counts: Counts
+    url: str
+    children: Children
+    prefix: str = field(default_factory=lambda: f"bench{secrets.token_hex(3)}")
+    raw_prefix: str = field(default_factory=lambda: f"rawbench{secrets.token_hex(3)}")
+    sides: dict[str, Side] = field(default_factory=lambda: {"raw": Side(), "mesh": Side()})
+    registry_lookup: list[float] = field(default_factory=list)
+
+    async def run(self) -> None:
+        c, ch = self.counts, self.children
+        raw_echo_subject = f"{self.raw_prefix}.echo"
+        raw_bcast_subject = f"{self.raw_prefix}.bcast"
+        raw_event_subject = f"{self.raw_prefix}.event.{EVENT_TYPE}"
+        raw_control = f"{self.raw_prefix}.control"
+
+        ch.mesh_registry("registry", self.prefix)
+        ch.mesh_run("echo-0", "examples.echo:Echo", self.prefix)
+        ch.mesh_run("events", f"bench.bench:{EventCounter.__name__}", self.prefix)
+        ch.raw("raw-echo-0", "raw-echo", "--subject", raw_echo_subject, "--subject", raw_bcast_subject)
+        ch.raw("raw-events", "raw-counter", "--subject", raw_event_subject, "--control", raw_control)
+
+        raw_nc = await nats.connect(self.url, name="bench raw client")
+        mesh_nc = await mesh.connect(self.url, name="bench mesh client", wait=10)
+        try:
+            registry = PluginRegistry(mesh_nc, prefix=self.prefix)
+            messaging = PluginMessaging(mesh_nc, prefix=self.prefix, source="bench", registry=registry,
+                                        default_timeout=REQUEST_TIMEOUT)
+
+            async def healthy(name: str, n: int) -> bool:
+                return len(await registry.list_plugins(name, healthy_only=True)) >= n
+
+            async def raw_answers() -> bool:
+                await raw_nc.request(raw_echo_subject, b"ping", timeout=0.5)
+                await raw_nc.request(raw_control, b"", timeout=0.5)
+                return True
+
+            await wait_for("the mesh echo and event counter", lambda: self._both(healthy("echo", 1),
+                                                                                 healthy(COUNTER_PLUGIN, 1)), ch)
+            await wait_for("the raw responders", raw_answers, ch)
+
+            async def raw_send() -> object:
+                return await raw_nc.request(raw_echo_subject, RAW_BODY, timeout=REQUEST_TIMEOUT)
+
+            async def mesh_send() -> object:
+                return await messaging.send_message("echo", PAYLOAD)
+
+            await self.request_reply({"raw": raw_send, "mesh": mesh_send})
+
+            async def raw_publish() -> None:
+                await raw_nc.publish(raw_event_subject, RAW_BODY)
+
+            async def mesh_publish() -> None:
+                await messaging.publish_event(EVENT_TYPE, PAYLOAD)
+
+            async def raw_stats(reset: bool) -> dict[str, float]:
+                msg = await raw_nc.request(raw_control, b"reset" if reset else b"", timeout=REQUEST_TIMEOUT)
+                result: dict[str, float] = json.loads(msg.data)
+                return result
+
+            async def mesh_stats(reset: bool) -> dict[str, float]:
+                response = await messaging.send_message(COUNTER_PLUGIN, operation="reset" if reset else "stats")
+                result: dict[str, float] = response.result
+                return result
+
+            await self.events({"raw": EventTarget(raw_publish, raw_stats, raw_nc),
+                               "mesh": EventTarget(mesh_publish, mesh_stats, mesh_nc)})
+
+            extra = [f"echo-{i}" for i in range(1, c.instances)]
+            raw_extra = [f"raw-echo-{i}" for i in range(1, c.instances)]
+            for name in extra:
+                ch.mesh_run(name, "examples.echo:Echo", self.prefix)
+            for name in raw_extra:
+                ch.raw(name, "raw-echo", "--subject", raw_bcast_subject)
+            try:
+                async def raw_broadcast(timeout: float = REQUEST_TIMEOUT) -> int:
+                    inbox = raw_nc.new_inbox()
+                    sub = await raw_nc.subscribe(inbox)
+                    try:
+                        await raw_nc.publish(raw_bcast_subject, RAW_BODY, reply=inbox)
+                        got = 0
+                        with contextlib.suppress(nats.errors.TimeoutError):
+                            while got < c.instances:
+                                await sub.next_msg(timeout=timeout)
+                                got += 1
+                        return got
+                    finally:
+                        await sub.unsubscribe()
+
+                async def raw_bcast_ready() -> bool:
+                    return await raw_broadcast(timeout=0.5) >= c.instances
+
+                async def checked_raw_broadcast() -> object:
+                    got = await raw_broadcast()
+                    if got != c.instances:
+                        raise RuntimeError(f"raw broadcast gathered {got} of {c.instances} replies")
+                    return got
+
+                async def mesh_broadcast() -> object:
+                    result = await messaging.broadcast_message(PAYLOAD, target="echo", timeout=REQUEST_TIMEOUT)
+                    if len(result) != c.instances or result.missing:
+                        raise RuntimeError(f"mesh broadcast gathered {len(result)} of {c.instances} replies "
+                                           f"(missing {result.missing})")
+                    return result
+
+                await wait_for(f"{c.instances} healthy echo instances", lambda: healthy("echo", c.instances), ch)
+                await wait_for(f"{c.instances} raw broadcast responders", raw_bcast_ready, ch)
+                await self.broadcast({"raw": checked_raw_broadcast, "mesh": mesh_broadcast})
+
+                async def lookup() -> object:
+                    return await registry.list_plugins("echo", healthy_only=True, timeout=REQUEST_TIMEOUT)
+
+                self.registry_lookup, _ = await sequential(lookup, c.broadcasts)
+            finally:
+                ch.stop(extra + raw_extra)
+        finally:
+            await raw_nc.close()
+            await mesh.close(mesh_nc)
+
+    @staticmethod
+    async def _both(a: Awaitable[bool], b: Awaitable[bool]) -> bool:
+        return all(await asyncio.gather(a, b))
+
+    async def request_reply(self, ops: dict[str, Op]) -> None:
+        c = self.counts
+        for op in ops.values():  # warm-up: connections, inboxes, code paths, caches
+            await sequential(op, c.warmup)
+            await concurrent(op, c.concurrency * 4, c.concurrency)
+        for r in range(c.rounds):
+            for side in alternate(r):
+                latencies, rps = await sequential(ops[side], c.seq)
+                self.sides[side].seq_latency += latencies
+                self.sides[side].seq_rps.append(rps)
+            for side in alternate(r + 1):
+                self.sides[side].inflight_rps.append(await concurrent(ops[side], c.inflight, c.concurrency))
+            progress(f"request/reply round {r + 1}/{c.rounds}")
+
+    async def broadcast(self, ops: dict[str, Op]) -> None:
+        c = self.counts
+        for op in ops.values():
+            await sequential(op, max(10, c.warmup // 5))
+        for r in range(c.rounds):
+            for side in alternate(r):
+                latencies, _ = await sequential(ops[side], c.broadcasts)
+                self.sides[side].bcast_latency += latencies
+            progress(f"broadcast round {r + 1}/{c.rounds}")
+
+    async def events(self, targets: dict[str, EventTarget]) -> None:
+        c = self.counts
+        for target in targets.values():
+            await event_run(target, c.warmup * 10)
+        for r in range(c.rounds):
+            for side in alternate(r):
+                delivered, published, lost = await event_run(targets[side], c.events)
+                s = self.sides[side]
+                s.event_rate.append(delivered)
+                s.publish_rate.append(published)
+                s.event_loss.append(lost)
+            progress(f"events round {r + 1}/{c.rounds}")
+
+
+def progress(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+@dataclass
+class Row:
+    measure: str
+    unit: str
+    raw: float
+    mesh: float
+    higher_is_better: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.mesh / self.raw if self.raw else math.nan
+
+
+@dataclass
+class Goal:
+    name: str
+    measure: str
+    limit: float
+    higher_is_better: bool
+    ratio: float = math.nan
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= self.limit if self.higher_is_better else self.ratio <= self.limit
+
+
+def rows(b: Bench) -> list[Row]:
+    raw, msh = b.sides["raw"], b.sides["mesh"]
+    us = 1e6
+    n = b.counts.instances
+    conc = b.counts.concurrency
+    return [
+        Row("send p50 latency (1 in flight)", "us", percentile(raw.seq_latency, 50) * us,
+            percentile(msh.seq_latency, 50) * us, False),
+        Row("send p99 latency (1 in flight)", "us", percentile(raw.seq_latency, 99) * us,
+            percentile(msh.seq_latency, 99) * us, False),
+        Row("send throughput, 1 in flight", "req/s", statistics.median(raw.seq_rps),
+            statistics.median(msh.seq_rps), True),
+        Row(f"send throughput, {conc} in flight", "req/s", statistics.median(raw.inflight_rps),
+            statistics.median(msh.inflight_rps), True),
+        Row(f"broadcast x{n} p50 latency", "us", percentile(raw.bcast_latency, 50) * us,
+            percentile(msh.bcast_latency, 50) * us, False),
+        Row(f"broadcast x{n} p99 latency", "us", percentile(raw.bcast_latency, 99) * us,
+            percentile(msh.bcast_latency, 99) * us, False),
+        Row("events delivered/s", "ev/s", statistics.median(raw.event_rate), statistics.median(msh.event_rate), True),
+        Row("events published/s (publisher side)", "ev/s", statistics.median(raw.publish_rate),
+            statistics.median(msh.publish_rate), True),
+    ]
+
+
+def goals(table: list[Row], concurrency: int) -> list[Goal]:
+    by = {r.measure: r.ratio for r in table}
+    out = [
+        Goal("issue: send p50 within 1.3x raw", "send p50 latency (1 in flight)", 1.3, False),
+        Goal("issue: events >= 0.7x raw", "events delivered/s", 0.7, True),
+        Goal("project: send p50 within 1.15x raw", "send p50 latency (1 in flight)", 1.15, False),
+        Goal(f"project: {concurrency}-in-flight throughput >= 0.9x raw", f"send throughput, {concurrency} in flight",
+             0.9, True),
+    ]
+    for g in out:
+        g.ratio = by[g.measure]
+    return out
+
+
+def fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def print_report(table: list[Row], checks: list[Goal], b: Bench, machine: dict[str, Any]) -> None:
+    print()
+    print("groundhog mesh benchmark — " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    c = b.counts
+    print(f"rounds {c.rounds}; per round and side: {c.seq} sequential requests, {c.inflight} at {c.concurrency} "
+          f"in flight, {c.broadcasts} broadcasts to {c.instances}, {c.events} events")
+    print()
+    width = max(len(r.measure) for r in table)
+    print(f"{'measure':<{width}}  {'unit':>6}  {'raw':>10}  {'mesh':>10}  {'mesh/raw':>8}")
+    print("-" * (width + 42))
+    for r in table:
+        print(f"{r.measure:<{width}}  {r.unit:>6}  {fmt(r.raw):>10}  {fmt(r.mesh):>10}  {r.ratio:>7.2f}x")
+    if b.registry_lookup:
+        print(f"{'(mesh only) registry list_plugins p50':<{width}}  {'us':>6}  {'':>10}  "
+              f"{fmt(percentile(b.registry_lookup, 50) * 1e6):>10}")
+    lost = {side: sum(s.event_loss) for side, s in b.sides.items() if sum(s.event_loss)}
+    if lost:
+        print(f"events lost (not delivered within 3s of the last one): {lost}")
+    print()
+    for g in checks:
+        op = ">=" if g.higher_is_better else "<="
+        print(f"  [{'MET' if g.met else 'NOT MET'}] {g.name}: {g.ratio:.2f}x (needs {op} {g.limit}x)")
+    print()
+
+
+def code_version() -> str:
+    """The commit measured, ``+dirty`` when mesh/, plugin_sdk/ or examples/ differ from it."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mesh", "plugin_sdk", "examples"], cwd=REPO,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        server = subprocess.run([mesh.find_binary(), "--version"], capture_output=True, text=True,
+                                check=False, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        server = f"unknown ({exc})"
+    return {
+        "code": code_version(),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "nats-server": server.removeprefix("nats-server: "),
+        "nats-py": importlib.metadata.version("nats-py"),
+        "platform": platform.platform(terse=True),
+        "loadavg": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
+    }
+
+
+def to_json(table: list[Row], checks: list[Goal], b: Bench, machine: dict[str, Any], elapsed: float) -> Any:
+    us = 1e6
+
+    def summary(s: Side) -> dict[str, Any]:
+        return {
+            "seq_rps_per_round": s.seq_rps,
+            "inflight_rps_per_round": s.inflight_rps,
+            "event_rate_per_round": s.event_rate,
+            "publish_rate_per_round": s.publish_rate,
+            "events_lost_per_round": s.event_loss,
+            "seq_latency_us": {f"p{q}": percentile(s.seq_latency, q) * us for q in (50, 90, 99, 99.9)},
+            "bcast_latency_us": {f"p{q}": percentile(s.bcast_latency, q) * us for q in (50, 90, 99)},
+        }
+
+    return {
+        "machine": machine,
+        "counts": asdict(b.counts),
+        "elapsed_s": round(elapsed, 1),
+        "results": [{**asdict(r), "ratio": r.ratio} for r in table],
+        "registry_lookup_p50_us": percentile(b.registry_lookup, 50) * us if b.registry_lookup else None,
+        "goals": [{"name": g.name, "ratio": g.ratio, "limit": g.limit, "met": g.met} for g in checks],
+        "sides": {name: summary(s) for name, s in b.sides.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark groundhog mesh messaging against raw nats-py.")
+    p.add_argument("--quick", action="store_true", help="short run (< 1 minute)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    for name, help_ in (("rounds", "rounds of (raw, mesh) pairs, order alternating"),
+                        ("seq", "sequential requests per round and side"),
+                        ("inflight", "requests per round and side at --concurrency in flight"),
+                        ("concurrency", "requests in flight for the throughput measure"),
+                        ("broadcasts", "broadcasts per round and side"),
+                        ("events", "events per round and side"),
+                        ("warmup", "warm-up iterations per side"),
+                        ("instances", "broadcast fan-out (processes per side)")):
+        p.add_argument(f"--{name}", type=int, help=help_)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (server and child logs)")
+    # Internal: the raw responder processes.
+    p.add_argument("--role", choices=["raw-echo", "raw-counter"], help=argparse.SUPPRESS)
+    p.add_argument("--nats", help=argparse.SUPPRESS)
+    p.add_argument("--subject", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--control", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def counts_from(args: argparse.Namespace) -> Counts:
+    counts = QUICK if args.quick else Counts()
+    overrides = {k: getattr(args, k) for k in asdict(counts) if getattr(args, k, None) is not None}
+    counts = replace(counts, **overrides)
+    if min(asdict(counts).values()) < 1:
+        raise SystemExit("every count must be at least 1")
+    return counts
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "raw-echo":
+        asyncio.run(raw_echo(args.nats, args.subject))
+        return 0
+    if args.role == "raw-counter":
+        asyncio.run(raw_counter(args.nats, args.subject[0], args.control))
+        return 0
+    counts = counts_from(args)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    machine = machine_info()
+    started = time.monotonic()
+    with workspace(args.keep) as tmp:
+        server = mesh.NatsServer(tmp / "nats")
+        children = Children(tmp / "logs", server.url)
+        bench = Bench(counts, server.url, children)
+        try:
+            server.start()
+            asyncio.run(bench.run())
+        except Interrupted as exc:
+            print(f"interrupted ({exc}); stopping the child processes and nats-server", file=sys.stderr)
+            return 130
+        except (RuntimeError, CommunicationError, nats.errors.Error) as exc:
+            print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            for name in children.procs:
+                print(f"  {name}: {children.tail(name, 3)}", file=sys.stderr)
+            return 1
+        finally:
+            # Plugins first (they unregister through the registry), then the rest, then the server.
+            children.stop([n for n in children.procs if n.startswith(("echo", "events"))])
+            children.stop()
+            server.stop()
+    table = rows(bench)
+    checks = goals(table, counts.concurrency)
+    print_report(table, checks, bench, machine)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(table, checks, bench, machine, time.monotonic() - started),
+                                        indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
