@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from nats.aio.subscription import Subscription
 
 from ._config import Permissions
 from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied
-from ._message import BroadcastResult, Message, MessageKind, Response, fast_model, new_id
+from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
     H_ENVELOPE,
@@ -182,49 +183,77 @@ class PluginMessaging:
         Returns as soon as every instance the registry lists as healthy has answered, else at
         ``timeout`` with what came and ``missing`` naming the silent instances. Error replies are
         included as responses with ``.error`` set; nothing raises for one instance's failure.
+        The registry is asked while the broadcast is already on its way, not before.
         """
         self._allow("send", self._perms.send if self._perms else None, target or "*")
         msg = self._message(target or "*", message_or_payload, None, operation, metadata)
         subject = self.subjects.broadcast_to(target) if target else self.subjects.broadcast
         body = self._encode(msg, subject)
-        deadline = time.monotonic() + timeout
-        expected: set[str] | None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        arrived: list[Msg] = []
+        progress = asyncio.Event()
+
+        async def on_reply(reply: Msg) -> None:
+            arrived.append(reply)
+            progress.set()
+
+        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=on_reply)
+        lookup = asyncio.create_task(self._registry.list_plugins(target, healthy_only=True,
+                                                                 timeout=max(0.05, min(1.0, timeout / 2))))
+        lookup.add_done_callback(lambda _: progress.set())
+        result = BroadcastResult()
+        expected: set[str] | None = None
+        seen: set[str] = set()
         try:
-            infos = await self._registry.list_plugins(target, healthy_only=True, timeout=min(1.0, timeout / 2))
-            expected = {i.id for i in infos if i.id != self._instance}
-        except CommunicationError as exc:
-            log.warning("broadcast without the registry (%s): gathering until the timeout", exc)
-            expected = None
-        result = BroadcastResult(expected_known=expected is not None)
-        if expected is not None and not expected:
-            return result
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
-        try:
-            await self._nc.publish(subject, body, reply=inbox, headers=request_headers(msg, timeout=timeout))
-            seen: set[str] = set()
-            while expected is None or not expected <= seen:
-                remaining = deadline - time.monotonic()
+            await self._nc.publish(subject, body, reply=sub.subject, headers=request_headers(msg, timeout=timeout))
+            while True:
+                progress.clear()
+                while arrived:
+                    self._gather(arrived.pop(0), msg.id, seen, result)
+                if expected is None and lookup.done():
+                    expected = self._expected(lookup)
+                    result.expected_known = expected is not None
+                if expected is not None and expected <= seen:
+                    break
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
-                    reply = await sub.next_msg(timeout=remaining)
-                except nats.errors.TimeoutError:
-                    break
-                try:
-                    response = response_from_msg(reply, message_id=msg.id)
-                except InvalidMessage as exc:
-                    log.warning("ignored a malformed broadcast reply: %s", exc)
-                    continue
-                if response.source in seen:
-                    continue
-                seen.add(response.source or f"anonymous-{len(seen)}")
-                result.responses.append(response)
+                    async with asyncio.timeout(remaining):
+                        await progress.wait()
+                except TimeoutError:
+                    continue  # one more pass: take what arrived, then the deadline ends it
             if expected is not None:
                 result.missing = sorted(expected - seen)
         finally:
+            lookup.cancel()
+            await asyncio.gather(lookup, return_exceptions=True)
             await sub.unsubscribe()
         return result
+
+    def _expected(self, lookup: asyncio.Task[list[PluginInfo]]) -> set[str] | None:
+        if lookup.cancelled():
+            return None
+        exc = lookup.exception()
+        if exc is None:
+            return {i.id for i in lookup.result() if i.id != self._instance}
+        if isinstance(exc, CommunicationError):
+            log.warning("broadcast without the registry (%s): gathering until the timeout", exc)
+            return None
+        raise exc
+
+    @staticmethod
+    def _gather(reply: Msg, message_id: str, seen: set[str], result: BroadcastResult) -> None:
+        try:
+            response = response_from_msg(reply, message_id=message_id)
+        except InvalidMessage as exc:
+            log.warning("ignored a malformed broadcast reply: %s", exc)
+            return
+        if response.source in seen:
+            return
+        seen.add(response.source or f"anonymous-{len(seen)}")
+        result.responses.append(response)
 
     async def publish_event(self, event_type: str, payload: Any = None, *,
                             metadata: dict[str, str] | None = None) -> None:

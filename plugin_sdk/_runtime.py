@@ -17,8 +17,9 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -84,7 +85,9 @@ class PluginRuntime:
         self.stop_requested = asyncio.Event()
         self._health = Health.STARTING
         self._subs: list[Subscription] = []
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
+        self._expired: set[asyncio.Task[None]] = set()  # cancelled by the watchdog
+        self._watchdog: asyncio.Task[None] | None = None
         self._sem = asyncio.Semaphore(self.config.max_concurrency)
         self._heartbeat: asyncio.Task[None] | None = None
         self._started = False
@@ -196,6 +199,11 @@ class PluginRuntime:
             if pending:
                 self.log.warning("cancelled %d handlers still running after %.1fs", len(pending), drain_timeout)
                 await asyncio.wait(pending)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
         await self.messaging.close()
         ok = True
         try:
@@ -238,15 +246,29 @@ class PluginRuntime:
         # nats-py runs one subscription's callbacks one at a time: hand each message to its own
         # task, bounded by max_concurrency (waiting here is the backpressure).
         await self._sem.acquire()
-        task = asyncio.create_task(self._handle(msg, env, broadcast))
-        self._inflight.add(task)
+        timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
+        task = _start_task(self._handle(msg, env, broadcast, timeout))
+        self._inflight[task] = asyncio.get_running_loop().time() + timeout
         task.add_done_callback(self._done)
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_deadlines(), name=f"deadlines {self.instance_id}")
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._inflight.pop(task, None)
+        self._expired.discard(task)
         self._sem.release()
 
-    async def _handle(self, msg: Msg, env: dict[str, str], broadcast: bool) -> None:
+    async def _watch_deadlines(self) -> None:
+        """Cancel handlers past their deadline: one timer for all, rather than one per message."""
+        while True:
+            await asyncio.sleep(DEADLINE_TICK)
+            now = asyncio.get_running_loop().time()
+            for task, deadline in list(self._inflight.items()):
+                if deadline <= now and task not in self._expired and not task.done():
+                    self._expired.add(task)
+                    task.cancel()
+
+    async def _handle(self, msg: Msg, env: dict[str, str], broadcast: bool, timeout: float) -> None:
         started = time.perf_counter()
         message_id = ""
         reply_headers: dict[str, str] | None
@@ -260,11 +282,13 @@ class PluginRuntime:
                                       f"max_payload of {self.config.max_payload}", plugin=self.config.name)
             message = message_from_msg(msg, target=self.config.name, env=env)
             message_id = message.id
-            timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
             try:
-                async with asyncio.timeout(timeout):
-                    result = await self.plugin.handle_message(message)
-            except TimeoutError:
+                result = await self.plugin.handle_message(message)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task not in self._expired:
+                    raise  # shutting down: not ours to answer
+                task.uncancel()  # the watchdog's cancel: answer it as a timeout
                 raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
                                      plugin=self.config.name) from None
             if isinstance(result, Response):
@@ -346,6 +370,17 @@ class PluginRuntime:
                 await self.registry.heartbeat(self.info())
             except nats.errors.Error as exc:  # reconnecting: the next beat will try again
                 self.log.debug("heartbeat not sent: %s", exc)
+
+
+#: How often the deadline watchdog looks: handler timeouts are precise to about this.
+DEADLINE_TICK = 0.05
+
+
+def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A task that, on Python 3.12+, runs eagerly: a handler that never waits finishes in place."""
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    return asyncio.create_task(coro)
 
 
 def _timeout(raw: str | None, default: float) -> float:
