@@ -57,6 +57,7 @@ async def test_silent_instances_are_forgotten(nc: NATS, prefix: str) -> None:
             return await client.get_plugin("svc-old") is None
 
         await eventually(gone, timeout=5, what="expiry")
+        assert await client.list_plugins() == []
 
 
 async def test_restart_loses_nothing_and_replicas_agree(nc: NATS, prefix: str) -> None:
@@ -130,6 +131,7 @@ async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Pat
             await eventually(lambda: _true({"svc-1", "svc-2"} <= set(a.instance_ids) and
                                            {"svc-1", "svc-2"} <= set(b.instance_ids)),
                              timeout=15, what="both caches to hold svc-1 and svc-2")
+            assert {i.id for i in await client.list_plugins()} == {"svc-1", "svc-2"}
     finally:
         for nc in conns:
             await close(nc)
@@ -168,3 +170,4 @@ async def test_last_beat_racing_unregister_leaves_no_ghost(nc: NATS, prefix: str
             return not a.instance_ids and not b.instance_ids and await client.list_plugins() == []
 
         await eventually(all_gone, timeout=5, what="no ghost instances on either replica")
+        assert await client.list_versions("svc") != []  # the history of versions stays
