@@ -20,7 +20,7 @@ from plugin_sdk import InitializationError, Plugin, PluginConfig, PluginRuntime,
 
 from ._connect import close, connect
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugin_class", "resolve_config", "run_plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin_class", "resolve_config", "run_plugin"]
 
 ENTRY_POINT_GROUP = "groundhog.plugins"
 
@@ -63,14 +63,36 @@ def load_plugin_class(ref: str) -> type[Plugin]:
     return obj
 
 
+def installed_plugins() -> list[dict[str, str]]:
+    """Entry points in ``groundhog.plugins``: name, ref, and the distribution that provides it."""
+    rows = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        rows.append({"name": ep.name, "ref": ep.value, "distribution": dist.name if dist else "",
+                     "version": dist.version if dist else ""})
+    return sorted(rows, key=lambda r: r["name"])
+
+
 def resolve_config(cls: type[Plugin], config_path: str | Path | None) -> PluginConfig:
     base = cls.default_config()
     return load_config_file(config_path, base=base) if config_path else base
 
 
+def supervision_from_env() -> dict[str, object]:
+    """What a supervising agent tells its child: ``MESH_AGENT``, ``MESH_RESTARTS``, ``MESH_LAST_ERROR``."""
+    out: dict[str, object] = {}
+    if os.environ.get("MESH_AGENT"):
+        out["agent"] = os.environ["MESH_AGENT"]
+    if os.environ.get("MESH_RESTARTS", "").isdigit():
+        out["restarts"] = int(os.environ["MESH_RESTARTS"])
+    if os.environ.get("MESH_LAST_ERROR"):
+        out["last_error"] = os.environ["MESH_LAST_ERROR"][:500]
+    return out
+
+
 async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str | None = None,
                      prefix: str = "mesh", heartbeat_interval: float = 2.0, connect_wait: float = 10.0,
-                     ready: asyncio.Event | None = None) -> int:
+                     instance_id: str | None = None, ready: asyncio.Event | None = None) -> int:
     """Run one instance until asked to stop. Returns the process exit code (0 clean, 1 not)."""
     cls = load_plugin_class(ref)
     config = resolve_config(cls, config_path)
@@ -81,7 +103,8 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval)
+        runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval,
+                                instance_id=instance_id, supervision=supervision_from_env())
         await runtime.start()
         log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
         if ready is not None:

@@ -128,7 +128,7 @@ class RegistryService:
             log.info("registry watcher restarted after a reconnect")
 
     def _current(self, info: PluginInfo, now: float) -> PluginInfo:
-        if info.health in (Health.STOPPING, Health.STARTING):
+        if info.health in (Health.STOPPING, Health.STARTING, Health.FAILED):
             return info
         limit = self.missed_beats * info.heartbeat_interval + 0.5
         health = Health.HEALTHY if now - info.last_seen <= limit else Health.UNHEALTHY

@@ -6,11 +6,9 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from plugin_sdk import ConfigError
 from plugin_sdk._wire import Subjects
 
+from ._agent import Agent
 from ._connect import close, connect
 from ._natsd import NatsServer
-from ._process import child_preexec
 from ._registry import RegistryService
 
 __all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]
@@ -68,67 +66,23 @@ def load_mesh_file(path: Path) -> MeshFile:
         raise ConfigError(f"{path}: {problems}") from None
 
 
-@dataclass
-class Child:
-    label: str
-    proc: asyncio.subprocess.Process
-
-
-async def _spawn(entry: PluginEntry, index: int, *, url: str, prefix: str, heartbeat: float,
-                 base_dir: Path) -> Child:
-    cmd = [sys.executable, "-m", "mesh", "run", entry.ref, "--nats", url, "--prefix", prefix,
-           "--heartbeat-interval", str(heartbeat)]
-    if entry.config:
-        cmd += ["--config", str((base_dir / entry.config).resolve())]
-    # Own session: Ctrl-C reaches `mesh up` only, which then stops the plugins in order.
-    proc = await asyncio.create_subprocess_exec(*cmd, cwd=base_dir, stdin=asyncio.subprocess.DEVNULL,
-                                                start_new_session=True, preexec_fn=child_preexec)
-    return Child(f"{entry.ref}#{index}", proc)
-
-
-async def _stop_children(children: list[Child], *, timeout: float = 15.0) -> None:
-    for child in children:
-        if child.proc.returncode is None:
-            child.proc.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            await asyncio.wait_for(child.proc.wait(), timeout)
-        except TimeoutError:
-            log.warning("%s did not stop within %.0fs; killing it", child.label, timeout)
-            child.proc.kill()
-            await child.proc.wait()
-
-
-async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path,
+async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                  say: Callable[[str], None], stop: asyncio.Event) -> int:
     nc = await connect(url, name="mesh up", wait=5)
-    children: list[Child] = []
     try:
         async with RegistryService(nc, prefix=prefix):
             say(f"registry serving {prefix}.registry.*")
-            for entry in mesh.plugins:
-                for i in range(entry.instances):
-                    child = await _spawn(entry, i, url=url, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir)
-                    children.append(child)
-                    say(f"started {child.label} (pid {child.proc.pid})")
-            say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
-            waits = {asyncio.create_task(c.proc.wait()): c for c in children}
-            stopper = asyncio.create_task(stop.wait())
-            try:
-                while not stop.is_set():
-                    done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done - {stopper}:
-                        child = waits.pop(task)
-                        say(f"{child.label} exited with code {child.proc.returncode}")
-            finally:
-                stopper.cancel()
-                for task in waits:
-                    task.cancel()
-                await asyncio.gather(stopper, *waits, return_exceptions=True)
-            say("stopping plugins")
-            await _stop_children(children)
+            async with Agent(nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat,
+                             data_dir=data_dir / "agent", cwd=base_dir) as agent:
+                say(f"agent {agent.name} serving {prefix}.agent.{agent.name}.*")
+                for entry in mesh.plugins:
+                    config = (base_dir / entry.config).resolve() if entry.config else None
+                    ids = await agent.load(entry.ref, config_path=config, instances=entry.instances)
+                    say(f"started {entry.ref}: {', '.join(ids)}")
+                say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
+                await stop.wait()
+                say("stopping plugins")
     finally:
-        await _stop_children(children)
         await close(nc)
     return 0
 
@@ -150,21 +104,23 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
     else:
         say(f"using NATS at {nats_url}")
     try:
-        return asyncio.run(_main(nats_url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, say=say))
+        return asyncio.run(_main(nats_url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
+                                 data_dir=data_dir, say=say))
     finally:
         if server is not None:
             server.stop()
             say("nats-server stopped")
 
 
-async def _main(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path,
+async def _main(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                 say: Callable[[str], None]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await _serve(url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, say=say, stop=stop)
+        return await _serve(url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
+                            say=say, stop=stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -133,6 +133,7 @@ class Health(enum.StrEnum):
     UNHEALTHY = "unhealthy"  # heartbeats missed; the process may be dead or stuck
     STARTING = "starting"  # registered, not yet serving
     STOPPING = "stopping"  # draining before a clean exit
+    FAILED = "failed"  # crashed more often than its agent's restart limit allows; not restarted
 
 
 class PluginInfo(BaseModel):
@@ -154,6 +155,10 @@ class PluginInfo(BaseModel):
     #: When the registry last heard from the instance (registry clock, seconds since the epoch).
     last_seen: float = 0.0
     heartbeat_interval: float = 2.0
+    #: The agent supervising this instance ("" when run by hand), how often it restarted it, and why.
+    agent: str = ""
+    restarts: int = 0
+    last_error: str = ""
 
     @property
     def uptime(self) -> float:

@@ -67,13 +67,15 @@ class PluginRuntime:
 
     def __init__(self, plugin: Plugin, nc: NATS, *, config: PluginConfig | None = None, prefix: str = "mesh",
                  instance_id: str | None = None, heartbeat_interval: float = 2.0,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, supervision: dict[str, Any] | None = None) -> None:
         self.plugin = plugin
         self.nc = nc
         self.config = config or plugin.default_config()
         self.subjects = Subjects(prefix)
         self.instance_id = instance_id or new_instance_id(self.config.name)
         self.heartbeat_interval = heartbeat_interval
+        #: ``agent``, ``restarts``, ``last_error`` as told by a supervising agent; shown in the registry.
+        self.supervision = supervision or {}
         self.log = logger or logging.getLogger(f"mesh.plugin.{self.config.name}")
         self.metrics = PluginMetrics()
         self.registry = PluginRegistry(nc, prefix=prefix)
@@ -102,7 +104,7 @@ class PluginRuntime:
                           capabilities=list(c.capabilities), dependencies=list(c.dependencies),
                           health=self._health, host=socket.gethostname(), pid=os.getpid(),
                           protocol=PROTOCOL_VERSION, started_at=self.started_at,
-                          heartbeat_interval=self.heartbeat_interval)
+                          heartbeat_interval=self.heartbeat_interval, **self.supervision)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -77,3 +77,13 @@ class Recorder(Plugin):
 
     async def cleanup(self) -> None:
         self._note("cleanup")
+
+
+class Doomed(Plugin):
+    """initialize always fails: the agent restarts it until its limit, then marks it failed."""
+
+    name = "doomed"
+    version = "0.0.1"
+
+    async def initialize(self, context: PluginContext) -> None:
+        raise RuntimeError("the database is unreachable")
