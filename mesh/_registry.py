@@ -29,9 +29,10 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from plugin_sdk import Health, InvalidMessage, PluginInfo, UnknownOperation, VersionRecord
+from plugin_sdk._config import check_range, version_matches
 from plugin_sdk._message import ErrorInfo
 from plugin_sdk._state import open_bucket
-from plugin_sdk._wire import Subjects, dumps, error_reply, loads, success_reply
+from plugin_sdk._wire import H_ENVELOPE, PROTOCOL_VERSION, Subjects, dumps, error_reply, loads, success_reply
 
 __all__ = ["RegistryService"]
 
@@ -201,9 +202,12 @@ class RegistryService:
 
     async def _register(self, body: Any) -> bool:
         info = PluginInfo.model_validate(body)
+        before = self._cache.instances.get(info.id)
         await self._put_instance(info)
         await self._record_version(info)
-        log.info("registered %s (%s %s)", info.id, info.name, info.version)
+        log.info("registered %s (%s %s, %s)", info.id, info.name, info.version, info.health.value)
+        if before is None or before[0].health != info.health:
+            await self._announce(info, previous=before[0].health.value if before else "absent")
         return True
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -218,6 +222,8 @@ class RegistryService:
                 return
             try:
                 await self._put_instance(info, last=known[1])
+                if known[0].health != info.health:  # e.g. unhealthy → healthy: it beats again
+                    await self._announce(info, previous=known[0].health.value)
             except nats.js.errors.KeyWrongLastSequenceError:
                 # Changed since this replica looked: deleted by an unregister on another replica,
                 # or expired. A last ("stopping") beat must not bring it back; a live one must.
@@ -229,17 +235,22 @@ class RegistryService:
     async def _unregister(self, body: Any) -> bool:
         assert self._kv is not None
         ident = _str_field(body, "id")
-        known = ident in self._cache.instances
+        known = self._cache.instances.get(ident)
         await self._delete_instance(ident)
         log.info("unregistered %s", ident)
-        return known
+        if known is not None:
+            await self._announce(known[0].model_copy(update={"health": Health.STOPPING}),
+                                 previous=known[0].health.value, gone=True)
+        return known is not None
 
     async def _get(self, body: Any) -> Any:
         key = _str_field(body, "key")
+        spec = _range_field(body)
         now = time.time()
         if key in self._cache.instances:
             return self._current(self._cache.instances[key][0], now).model_dump(mode="json")
-        candidates = [self._current(i, now) for i, _ in self._cache.instances.values() if i.name == key]
+        candidates = [self._current(i, now) for i, _ in self._cache.instances.values()
+                      if i.name == key and (not spec or version_matches(i.version, spec))]
         if not candidates:
             return None
         best = max(candidates, key=lambda i: (i.health == Health.HEALTHY, i.started_at))
@@ -249,10 +260,11 @@ class RegistryService:
         body = body or {}
         name = body.get("name") if isinstance(body, dict) else None
         healthy_only = bool(body.get("healthy_only")) if isinstance(body, dict) else False
+        spec = _range_field(body)
         now = time.time()
         out = []
         for info, _ in sorted(self._cache.instances.values(), key=lambda p: (p[0].name, p[0].started_at)):
-            if name and info.name != name:
+            if (name and info.name != name) or (spec and not version_matches(info.version, spec)):
                 continue
             info = self._current(info, now)
             if healthy_only and info.health != Health.HEALTHY:
@@ -281,16 +293,44 @@ class RegistryService:
                     log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
             now = time.time()
             for ident, (info, rev) in list(self._cache.instances.items()):
+                if info.health == Health.HEALTHY and self._current(info, now).health == Health.UNHEALTHY:
+                    await self._mark_unhealthy(info, rev)
                 if now - info.last_seen > self.expire_after:
                     try:
                         await self._delete_instance(ident, last=rev)
                         log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
+                        await self._announce(info, previous=info.health.value, gone=True)
                     except nats.js.errors.APIError:
                         # The revision moved on: it beat meanwhile (the watcher brings the news),
                         # or it is gone already, and then this cache must forget it too.
                         await self._forget_if_gone(ident)
                     except nats.errors.Error as exc:
                         log.debug("sweep deferred: %s", exc)
+
+    async def _mark_unhealthy(self, info: PluginInfo, rev: int) -> None:
+        """Store the transition once (compare-and-set: one replica wins) and announce it."""
+        assert self._kv is not None
+        changed = info.model_copy(update={"health": Health.UNHEALTHY})
+        try:
+            new_rev = await self._kv.update(f"instances.{info.id}", dumps(changed.model_dump(mode="json")), last=rev)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # it beat meanwhile, or another replica stored the transition first
+        except nats.errors.Error as exc:
+            log.debug("health transition deferred: %s", exc)
+            return
+        self._cache.set_instance(changed, new_rev)
+        log.warning("%s (%s) is unhealthy: no heartbeat for %.1fs", info.id, info.name, time.time() - info.last_seen)
+        await self._announce(changed, previous=info.health.value)
+
+    async def _announce(self, info: PluginInfo, *, previous: str, gone: bool = False) -> None:
+        """Publish event ``mesh.health.<name>`` so dependants learn of the change (at most once)."""
+        payload = {"id": info.id, "name": info.name, "version": info.version, "health": info.health.value,
+                   "previous": previous, "gone": gone, "last_error": info.last_error}
+        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};src=registry"}
+        try:
+            await self.nc.publish(self.subjects.event(f"mesh.health.{info.name}"), dumps(payload), headers=headers)
+        except nats.errors.Error as exc:
+            log.debug("health event not sent: %s", exc)
 
     async def _forget_if_gone(self, ident: str) -> None:
         assert self._kv is not None
@@ -343,3 +383,15 @@ class _Cache:
                     self.versions[ident] = {v: VersionRecord.model_validate(r) for v, r in raw.items()}
         except (ValidationError, InvalidMessage, AttributeError) as exc:
             log.warning("ignored a malformed registry entry %s: %s", key, exc)
+
+
+def _range_field(body: Any) -> str:
+    spec = body.get("version") if isinstance(body, dict) else None
+    if spec is None:
+        return ""
+    if not isinstance(spec, str):
+        raise InvalidMessage("'version' must be a version range string such as '>=1.2,<2'")
+    try:
+        return check_range(spec)
+    except ValueError as exc:
+        raise InvalidMessage(str(exc)) from None

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from plugin_sdk._wire import Subjects
 
 from ._agent import Agent
 from ._connect import close, connect
+from ._deps import Planned, start_levels
+from ._host import load_plugin_class, resolve_config
 from ._natsd import NatsServer
 from ._registry import RegistryService
 
@@ -66,7 +69,26 @@ def load_mesh_file(path: Path) -> MeshFile:
         raise ConfigError(f"{path}: {problems}") from None
 
 
-async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
+#: Seconds `mesh up` waits for each level of plugins to be healthy.
+START_TIMEOUT = 60.0
+
+Level = list[tuple[Planned, PluginEntry]]
+
+
+def plan(mesh: MeshFile, *, base_dir: Path, source: str) -> list[Level]:
+    """Load every entry's class and config, and order them; refuse cycles and bad ranges first."""
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))  # the file's plugins are importable from its folder
+    pairs = []
+    for entry in mesh.plugins:
+        cls = load_plugin_class(entry.ref)
+        pairs.append((Planned(entry.ref, resolve_config(cls, (base_dir / entry.config) if entry.config else None)),
+                      entry))
+    entry_of = {id(p): e for p, e in pairs}
+    return [[(p, entry_of[id(p)]) for p in level] for level in start_levels([p for p, _ in pairs], source=source)]
+
+
+async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                  say: Callable[[str], None], stop: asyncio.Event) -> int:
     nc = await connect(url, name="mesh up", wait=5)
     try:
@@ -75,10 +97,15 @@ async def _serve(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, bas
             async with Agent(nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat,
                              data_dir=data_dir / "agent", cwd=base_dir) as agent:
                 say(f"agent {agent.name} serving {prefix}.agent.{agent.name}.*")
-                for entry in mesh.plugins:
-                    config = (base_dir / entry.config).resolve() if entry.config else None
-                    ids = await agent.load(entry.ref, config_path=config, instances=entry.instances)
-                    say(f"started {entry.ref}: {', '.join(ids)}")
+                for level in levels:
+                    ids: list[str] = []
+                    for _, entry in level:
+                        config = (base_dir / entry.config).resolve() if entry.config else None
+                        ids += await agent.load(entry.ref, config_path=config, instances=entry.instances)
+                    names = ", ".join(p.config.name for p, _ in level)
+                    say(f"starting {names} ({len(ids)} instance{'s' if len(ids) != 1 else ''})")
+                    await asyncio.gather(*(agent.wait_healthy(i, timeout=START_TIMEOUT) for i in ids))
+                    say(f"ready: {names}")
                 say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
                 await stop.wait()
                 say("stopping plugins")
@@ -91,9 +118,10 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
            say: Callable[[str], None], prefix: str | None = None) -> int:
     """Blocking: run everything until SIGINT/SIGTERM, then stop it all, children first."""
     mesh = load_mesh_file(mesh_file) if mesh_file else MeshFile()
+    base_dir = mesh_file.parent if mesh_file else Path.cwd()
+    levels = plan(mesh, base_dir=base_dir.resolve(), source=str(mesh_file or "mesh.toml"))
     prefix = prefix or mesh.mesh.prefix or "mesh"
     heartbeat = mesh.mesh.heartbeat_interval or float(os.environ.get("MESH_HEARTBEAT_INTERVAL", "2"))
-    base_dir = mesh_file.parent if mesh_file else Path.cwd()
     server: NatsServer | None = None
     if nats_url is None:
         server = NatsServer(data_dir, port=port)
@@ -104,7 +132,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
     else:
         say(f"using NATS at {nats_url}")
     try:
-        return asyncio.run(_main(nats_url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
+        return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
                                  data_dir=data_dir, say=say))
     finally:
         if server is not None:
@@ -112,14 +140,14 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
             say("nats-server stopped")
 
 
-async def _main(url: str, mesh: MeshFile, *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
+async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                 say: Callable[[str], None]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await _serve(url, mesh, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
+        return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
                             say=say, stop=stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

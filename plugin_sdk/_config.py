@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ._errors import ConfigError
 
-__all__ = ["NAME_RE", "Dependency", "Permissions", "PluginConfig", "load_config_file", "validate_name"]
+__all__ = ["NAME_RE", "Dependency", "Permissions", "PluginConfig", "check_range", "load_config_file", "validate_name",
+           "version_matches"]
 
 #: Plugin names become NATS subject tokens and KV bucket names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -46,6 +47,23 @@ def validate_semver(version: str) -> str:
     return version
 
 
+def check_range(spec: str) -> str:
+    """A PEP 440 version range such as ``">=1.2,<2"`` (``""`` accepts everything)."""
+    try:
+        SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise ValueError(f"invalid version range {spec!r}: expected e.g. '>=1.2,<2'") from None
+    return spec
+
+
+def version_matches(version: str, spec: str) -> bool:
+    """Whether ``version`` satisfies the range ``spec`` (pre-releases included)."""
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except (InvalidVersion, InvalidSpecifier):
+        return False
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,18 +83,14 @@ class Dependency(_Model):
     @field_validator("version")
     @classmethod
     def _range(cls, v: str) -> str:
-        try:
-            SpecifierSet(v)
-        except InvalidSpecifier:
-            raise ValueError(f"invalid version range {v!r}: expected e.g. '>=1.2,<2'") from None
-        return v
+        return check_range(v)
 
     def accepts(self, version: str) -> bool:
         """Whether ``version`` satisfies this dependency's range (pre-releases included)."""
-        try:
-            return SpecifierSet(self.version).contains(Version(version), prereleases=True)
-        except InvalidVersion:
-            return False
+        return version_matches(version, self.version)
+
+    def __str__(self) -> str:
+        return f"{self.name}{' ' + self.version if self.version else ''}"
 
 
 class Permissions(_Model):
@@ -105,6 +119,10 @@ class PluginConfig(_Model):
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
     #: Largest request body this plugin accepts, in bytes (the server's own limit also applies).
     max_payload: int = Field(default=1024 * 1024, ge=1)
+    #: The mesh protocol (major) this plugin was built for; a host that speaks another refuses it.
+    protocol: str = "1"
+    #: Seconds to wait, before start(), for every dependency to have a healthy matching instance.
+    dependency_timeout: float = Field(default=30.0, ge=0)
     #: Most seconds a handler may run; a caller's shorter timeout (the envelope's t=) cuts it shorter.
     handler_timeout: float = Field(default=30.0, gt=0)
 

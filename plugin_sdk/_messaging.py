@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -14,8 +15,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ._config import Permissions
-from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied
+from ._config import Permissions, check_range
+from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied, PluginNotFound
 from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
@@ -35,6 +36,9 @@ from ._wire import (
 __all__ = ["EventSubscription", "PluginMessaging", "subject_matches"]
 
 log = logging.getLogger("plugin_sdk.messaging")
+
+#: How long a version-ranged send trusts the registry's list of matching instances.
+RANGE_CACHE_SECONDS = 1.0
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -126,6 +130,8 @@ class PluginMessaging:
         # The envelope's constant tail, and event subjects already checked (the publish hot path).
         self._env_tail = f";src={self._source}" + (f";inst={source_instance}" if source_instance else "")
         self._event_subjects: dict[str, str] = {}
+        # (name, range) → (expires, instance ids, round-robin counter) for version-ranged sends.
+        self._ranges: dict[tuple[str, str], tuple[float, list[str], Iterator[int]]] = {}
 
     def _message(self, target: str, message_or_payload: Any, kind: MessageKind | None,
                  operation: str | None, metadata: dict[str, str] | None) -> Message:
@@ -158,22 +164,54 @@ class PluginMessaging:
 
     async def send_message(self, target: str, message_or_payload: Any = None, *, timeout: float | None = None,
                            operation: str | None = None, kind: MessageKind | None = None,
-                           metadata: dict[str, str] | None = None, raise_on_error: bool = True) -> Response:
+                           metadata: dict[str, str] | None = None, raise_on_error: bool = True,
+                           version: str | None = None) -> Response:
         """Send to ``target`` (a plugin name, load-balanced, or ``name.instance``) and await the reply.
+
+        With ``version`` (a range such as ``">=1.2,<2"``), only instances of that plugin whose
+        version is in the range are chosen (round-robin over the registry's healthy ones).
 
         Raises :class:`PluginNotFound`, :class:`RequestTimeout`, :class:`PayloadTooLarge`, or — with
         ``raise_on_error`` (the default) — the remote handler's typed error.
         """
         self._allow("send", self._perms.send if self._perms else None, target.split(".", 1)[0])
+        if version:
+            target = await self._instance_in_range(target, version)
         msg = self._message(target, message_or_payload, kind, operation, metadata)
         t = timeout if timeout is not None else self._timeout
         subject = self.subjects.target(target)
-        reply = await request(self._nc, subject, self._encode(msg, subject), headers=request_headers(msg, timeout=t),
-                              timeout=t, plugin=target)
+        try:
+            reply = await request(self._nc, subject, self._encode(msg, subject),
+                                  headers=request_headers(msg, timeout=t), timeout=t, plugin=target)
+        except PluginNotFound:
+            if version:  # the chosen instance went away: ask afresh next time
+                self._ranges.pop((target.split(".", 1)[0], version), None)
+            raise
         response = response_from_msg(reply, message_id=msg.id)
         if raise_on_error and response.error is not None:
             raise response.error.to_exception(subject=subject)
         return response
+
+    async def _instance_in_range(self, name: str, version: str) -> str:
+        """``name.instance`` of a healthy instance whose version is in ``version`` (cached 1 s)."""
+        if "." in name:
+            raise InvalidMessage(f"a version range selects among a plugin's instances: give a name, not {name!r}")
+        try:
+            check_range(version)
+        except ValueError as exc:
+            raise InvalidMessage(str(exc)) from None
+        now = time.monotonic()
+        cached = self._ranges.get((name, version))
+        if cached is None or cached[0] < now:
+            infos = await self._registry.list_plugins(name, version=version, healthy_only=True)
+            cached = (now + RANGE_CACHE_SECONDS, [i.id for i in infos], itertools.count())
+            self._ranges[(name, version)] = cached
+        ids = cached[1]
+        if not ids:
+            running = sorted({i.version for i in await self._registry.list_plugins(name, healthy_only=True)})
+            raise PluginNotFound(f"no healthy instance of {name!r} has a version in {version!r} "
+                                 f"(running: {', '.join(running) or 'none'})", plugin=name)
+        return f"{name}.{ids[next(cached[2]) % len(ids)]}"
 
     async def broadcast_message(self, message_or_payload: Any = None, *, target: str | None = None,
                                 timeout: float = 2.0, operation: str | None = None,

@@ -93,6 +93,8 @@ class Plugin:
     description: ClassVar[str] = ""
     capabilities: ClassVar[list[str]] = []
     dependencies: ClassVar[list[Dependency | dict[str, Any] | str]] = []
+    #: The mesh protocol (major version) this plugin was written against.
+    protocol: ClassVar[str] = "1"
     config: ClassVar[PluginConfig | None] = None
 
     _routes: ClassVar[dict[str, tuple[str, MessageKind]]] = {}
@@ -126,7 +128,7 @@ class Plugin:
         deps = [_as_dependency(d) for d in cls.dependencies]
         return PluginConfig(name=cls.name or cls.__name__.lower(), version=cls.version,
                             description=cls.description or (inspect.getdoc(cls) or "").split("\n")[0],
-                            capabilities=list(cls.capabilities), dependencies=deps)
+                            capabilities=list(cls.capabilities), dependencies=deps, protocol=cls.protocol)
 
     # -- lifecycle (override what you need) ------------------------------------------------
 
@@ -142,6 +144,12 @@ class Plugin:
 
     async def cleanup(self) -> None:
         """Called last, always (even when ``initialize``, ``start`` or ``stop`` failed)."""
+
+    async def on_dependency_health(self, dependency: str, health: str, event: Message) -> None:
+        """Called when an instance of a declared dependency changes health (``unhealthy``,
+        ``healthy`` again, ``failed``, or gone: ``event.payload["gone"]``). The plugin keeps
+        running; this is the place to degrade gracefully. ``event.payload`` has ``id``, ``name``,
+        ``version``, ``health``, ``previous``, ``gone`` and ``last_error``."""
 
     async def handle_message(self, message: Message) -> Any:
         """Answer one direct or broadcast message.

@@ -61,16 +61,22 @@ class PluginRegistry:
         """Forget an instance; ``False`` if the registry did not know it."""
         return bool(await self._call("unregister", {"id": instance_id}))
 
-    async def get_plugin(self, name_or_id: str) -> PluginInfo | None:
-        """The instance with this id, or the healthiest newest instance of this name, or ``None``."""
-        found = await self._call("get", {"key": name_or_id})
+    async def get_plugin(self, name_or_id: str, *, version: str | None = None) -> PluginInfo | None:
+        """The instance with this id, or the healthiest newest instance of this name (whose version
+        is in the range ``version``, e.g. ``">=1.2,<2"``), or ``None``."""
+        body: dict[str, Any] = {"key": name_or_id}
+        if version:
+            body["version"] = version
+        found = await self._call("get", body)
         return None if found is None else PluginInfo.model_validate(found)
 
-    async def list_plugins(self, name: str | None = None, *, healthy_only: bool = False,
-                           timeout: float | None = None) -> list[PluginInfo]:
-        """Every known instance (of ``name``), with its health as of now."""
-        found = await self._call("list", {"name": name, "healthy_only": healthy_only}, timeout=timeout)
-        return _INFOS.validate_python(found)
+    async def list_plugins(self, name: str | None = None, *, version: str | None = None,
+                           healthy_only: bool = False, timeout: float | None = None) -> list[PluginInfo]:
+        """Every known instance (of ``name``, in the range ``version``), with its health as of now."""
+        body: dict[str, Any] = {"name": name, "healthy_only": healthy_only}
+        if version:
+            body["version"] = version
+        return _INFOS.validate_python(await self._call("list", body, timeout=timeout))
 
     async def list_versions(self, name: str | None = None) -> list[VersionRecord]:
         """Every version ever registered (of ``name``), oldest first."""

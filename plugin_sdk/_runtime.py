@@ -28,10 +28,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ._config import PluginConfig
+from ._config import Dependency, PluginConfig
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
 from ._errors import (
     CommunicationError,
+    DependencyError,
     InitializationError,
     PayloadTooLarge,
     PluginError,
@@ -131,8 +132,10 @@ class PluginRuntime:
                                   started_at=self.started_at, protocol=PROTOCOL_VERSION)
             self.context = PluginContext(runtime=runtime, config=self.config, logger=self.log, metrics=self.metrics,
                                          messaging=self.messaging, state=state, registry=self.registry)
+            self._check_protocol()
             await self._step("initialize", self.plugin.initialize, self.context)
             self.plugin.state = PluginState.INITIALIZED
+            await self._await_dependencies()
             await self._step("start", self.plugin.start)
             await self._subscribe()
             self.plugin.state = PluginState.RUNNING
@@ -146,6 +149,73 @@ class PluginRuntime:
         except CommunicationError as exc:
             self.log.warning("registry unavailable (%s); heartbeats will register this instance", exc)
         self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"heartbeat {self.instance_id}")
+
+    def _check_protocol(self) -> None:
+        wanted = self.config.protocol.split(".")[0]
+        if wanted != PROTOCOL_VERSION:
+            raise InitializationError(
+                f"{self.config.name} was built for mesh protocol {self.config.protocol}; this host speaks "
+                f"{PROTOCOL_VERSION} (see docs/migration.md)", plugin=self.config.name)
+
+    async def _await_dependencies(self) -> None:
+        """Until every required dependency has a healthy instance in its range; DependencyError at the timeout."""
+        needed = [d for d in self.config.dependencies if not d.optional]
+        if not needed:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.dependency_timeout
+        next_note = loop.time() + 2.0
+        while True:
+            missing: list[Dependency] = []
+            problem = ""
+            for dep in needed:
+                try:
+                    if not await self.registry.list_plugins(dep.name, version=dep.version or None, healthy_only=True):
+                        missing.append(dep)
+                except CommunicationError as exc:
+                    missing.append(dep)
+                    problem = f"; the registry did not answer: {exc}"
+            if not missing:
+                return
+            now = loop.time()
+            if now >= deadline:
+                raise DependencyError(await self._describe_missing(missing) + problem, plugin=self.config.name)
+            if now >= next_note:
+                self.log.info("%s waiting for %s (%.0fs left)", self.config.name,
+                              ", ".join(str(d) for d in missing), deadline - now)
+                next_note = now + 5.0
+            await asyncio.sleep(0.2)
+
+    async def _describe_missing(self, missing: list[Dependency]) -> str:
+        parts = []
+        for dep in missing:
+            try:
+                running = sorted({i.version for i in await self.registry.list_plugins(dep.name, healthy_only=True)})
+            except CommunicationError:
+                running = []
+            why = f"running: {', '.join(running)}; none in range" if running else "no healthy instance"
+            parts.append(f"{self.config.name} -> {dep} ({why})")
+        return (f"dependencies not met after {self.config.dependency_timeout:g}s: " + "; ".join(parts))
+
+    async def _watch_dependencies(self) -> None:
+        """Tell the plugin (hook) when an instance of a dependency changes health."""
+        names = {d.name for d in self.config.dependencies}
+        for name in sorted(names):
+            self._subs.append(await self.nc.subscribe(self.subjects.event(f"mesh.health.{name}"),
+                                                      cb=self._on_dependency_event))
+
+    async def _on_dependency_event(self, msg: Msg) -> None:
+        try:
+            event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
+            payload = event.payload if isinstance(event.payload, dict) else {}
+            name, health = str(payload.get("name", "")), str(payload.get("health", ""))
+            if health != "healthy":
+                self.log.warning("dependency %s instance %s is %s%s", name, payload.get("id"), health,
+                                 " (gone)" if payload.get("gone") else "")
+            await self.plugin.on_dependency_health(name, health, event)
+        except Exception as exc:  # the hook failing must not stop the subscription; logged with context
+            self.log.warning("on_dependency_health raised %s: %s", type(exc).__name__, exc,
+                             exc_info=self.log.isEnabledFor(logging.DEBUG))
 
     async def _step(self, what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:
@@ -230,6 +300,7 @@ class PluginRuntime:
         self._subs.append(await self.nc.subscribe(s.broadcast, cb=self._on_broadcast))
         self._subs.append(await self.nc.subscribe(s.broadcast_to(name), cb=self._on_broadcast))
         self._subs.append(await self.nc.subscribe(s.control(self.instance_id, "*"), cb=self._on_control))
+        await self._watch_dependencies()
         for attr, pattern in self.plugin._event_handlers.items():
             self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
