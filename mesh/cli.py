@@ -455,12 +455,15 @@ _HEALTH_STYLE = {Health.HEALTHY: "green", Health.UNHEALTHY: "red", Health.STARTI
 @app.command("ls")
 def ls(
     name: Annotated[str | None, typer.Argument(help="Only instances of this plugin.")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Only versions in this range, e.g. '>=1.2,<2'.")]
+    = None,
     nats_url: NatsOpt = None,
     prefix: PrefixOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List plugin instances: name, version, instance, health, uptime, host."""
-    infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_plugins(name)))
+    infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_plugins(
+        name, version=version)))
     if as_json:
         _print_json([i.model_dump(mode="json") | {"uptime": round(i.uptime, 3)} for i in infos])
         return
@@ -510,6 +513,8 @@ def send(
     payload: Annotated[str | None, typer.Argument(help="JSON payload; '-' reads stdin, @file reads a file.")] = None,
     op: Annotated[str | None, typer.Option("--op", help="Operation (handler) name.")] = None,
     query_: Annotated[bool, typer.Option("--query", help="Send as a query rather than a command.")] = False,
+    version: Annotated[str | None, typer.Option("--version", help="Only to an instance whose version is in this "
+                                                "range, e.g. '>=1.2,<2'.")] = None,
     timeout: TimeoutOpt = 5.0,
     nats_url: NatsOpt = None,
     prefix: PrefixOpt = None,
@@ -520,7 +525,8 @@ def send(
     async def main(nc: Any) -> Any:
         messaging = PluginMessaging(nc, prefix=_prefix(prefix), source="cli")
         kind = MessageKind.QUERY if query_ else MessageKind.COMMAND
-        return (await messaging.send_message(target, body, timeout=timeout, operation=op, kind=kind)).result
+        return (await messaging.send_message(target, body, timeout=timeout, operation=op, kind=kind,
+                                             version=version)).result
 
     _print_json(_run(_with_nc(nats_url, main)))
 

@@ -187,3 +187,16 @@ async def test_state_and_registry_errors_name_the_cause(nats_server: NatsServer,
 async def test_help_texts_show_the_environment_variables() -> None:
     r = await mesh_cli("ls", "--help", url="", prefix="mesh")
     assert "MESH_NATS_URL" in r.out and "MESH_PREFIX" in r.out
+
+
+async def test_mesh_up_refuses_a_dependency_cycle_before_starting(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "cyc.py").write_text(
+        "from plugin_sdk import Plugin\n"
+        "class A(Plugin):\n    name = 'a'\n    dependencies = ['b']\n"
+        "class B(Plugin):\n    name = 'b'\n    dependencies = ['c']\n"
+        "class C(Plugin):\n    name = 'c'\n    dependencies = ['a']\n")
+    (tmp_path / "mesh.toml").write_text(
+        '[[plugins]]\nref = "cyc:A"\n[[plugins]]\nref = "cyc:B"\n[[plugins]]\nref = "cyc:C"\n')
+    r = await mesh_cli("up", "--data-dir", str(tmp_path / "data"), url="", prefix=prefix, cwd=tmp_path)
+    assert r.code == 1 and "DependencyError" in r.err and "dependency cycle a -> b -> c -> a" in r.err
+    assert not (tmp_path / "data" / "nats-server.log").exists()  # refused before anything started

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import NatsServer, RegistryService, close, connect, free_port
-from plugin_sdk import CommunicationError, Health, InvalidMessage, PluginInfo, PluginRegistry
+from plugin_sdk import CommunicationError, Health, InvalidMessage, PluginInfo, PluginMessaging, PluginRegistry
 from tests.conftest import eventually
 
 
@@ -171,3 +171,25 @@ async def test_last_beat_racing_unregister_leaves_no_ghost(nc: NATS, prefix: str
 
         await eventually(all_gone, timeout=5, what="no ghost instances on either replica")
         assert await client.list_versions("svc") != []  # the history of versions stays
+
+
+async def test_health_changes_are_announced_once_across_replicas(nc: NATS, prefix: str) -> None:
+    messaging = PluginMessaging(nc, prefix=prefix, source="test")
+    async with RegistryService(nc, prefix=prefix, sweep_interval=0.05), \
+            RegistryService(nc, prefix=prefix, sweep_interval=0.05), \
+            await messaging.subscribe_to_events("mesh.health.svc") as events:
+        client = PluginRegistry(nc, prefix=prefix)
+        await client.register_plugin(info("svc-1", interval=0.1))
+        first = await events.next(timeout=5)
+        assert (first.payload["id"], first.payload["health"], first.payload["previous"]) == (
+            "svc-1", "healthy", "absent")
+        silent = await events.next(timeout=5)  # no beats: the sweepers notice
+        assert (silent.payload["health"], silent.payload["previous"]) == ("unhealthy", "healthy")
+        await client.heartbeat(info("svc-1", interval=30))
+        back = await events.next(timeout=5)
+        assert (back.payload["health"], back.payload["previous"]) == ("healthy", "unhealthy")
+        await client.unregister_plugin("svc-1")
+        gone = await events.next(timeout=5)
+        assert gone.payload["gone"] is True
+        with pytest.raises(TimeoutError):  # two replicas, yet every change was announced once
+            await events.next(timeout=0.5)
