@@ -54,8 +54,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import mesh
-from mesh._process import child_preexec
 from plugin_sdk import CommunicationError, Message, Plugin, PluginMessaging, PluginRegistry, on_event
+from plugin_sdk._natsd import child_preexec
 
 REPO = Path(__file__).resolve().parent.parent
 PAYLOAD: dict[str, Any] = {"text": "hello", "n": 1}

@@ -47,11 +47,11 @@ from plugin_sdk import (
     RequestTimeout,
 )
 from plugin_sdk._config import validate_name
+from plugin_sdk._natsd import child_preexec
 from plugin_sdk._runtime import new_instance_id
 from plugin_sdk._wire import Subjects, error_reply, loads, success_reply
 
 from ._host import load_plugin_class, resolve_config
-from ._process import child_preexec
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
 

