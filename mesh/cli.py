@@ -170,11 +170,26 @@ def run(
                                                       help="Seconds between heartbeats.")] = 2.0,
     instance_id: Annotated[str | None, typer.Option("--instance-id", help="Instance id to use (agents set it, "
                                                     "so an instance keeps its id across restarts).")] = None,
+    reload: Annotated[bool, typer.Option("--reload", help="Restart the plugin when its source changes "
+                                         "(development; state in KV is kept).")] = False,
 ) -> None:
     """Run one plugin instance in this process, joined to the mesh, until SIGTERM/SIGINT."""
     from ._host import run_plugin
 
     _setup_logging()
+    if reload:
+        from ._reload import run_with_reload
+
+        child_args = ["--nats", nats_url or default_url(), "--prefix", _prefix(prefix),
+                      "--heartbeat-interval", str(heartbeat_interval)]
+        if config:
+            child_args += ["--config", str(config)]
+
+        def say(line: str) -> None:
+            err.print(f"[green]mesh[/green] {line}", highlight=False)
+
+        raise typer.Exit(_run(run_with_reload(ref, child_args, config_path=str(config) if config else None,
+                                              say=say)))
     if instance_id is not None:
         try:
             validate_name(instance_id, what="instance id")

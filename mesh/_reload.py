@@ -1,0 +1,75 @@
+"""``mesh run REF --reload``: restart the plugin when its source changes (the development loop).
+
+This process watches the plugin's source folder (watchfiles) and runs the plugin in a child
+``mesh run`` with a fixed instance id; on a change it stops the child (the full drain / stop /
+cleanup path) and starts a new one, so the new code is imported afresh. State lives in KV and is
+kept; the instance keeps its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+
+from plugin_sdk._natsd import child_preexec
+from plugin_sdk._runtime import new_instance_id
+
+from ._host import load_plugin_class, resolve_config
+
+__all__ = ["run_with_reload", "source_folder"]
+
+
+def source_folder(ref: str) -> Path:
+    """The folder holding the plugin's module (its package's folder when it is in one)."""
+    cls = load_plugin_class(ref)
+    module = sys.modules[cls.__module__]
+    file = Path(module.__file__ or ".").resolve()
+    package = cls.__module__.split(".")[0]
+    root = sys.modules[package].__file__ if package in sys.modules else None
+    return Path(root).resolve().parent if root and Path(root).name == "__init__.py" else file.parent
+
+
+async def run_with_reload(ref: str, child_args: list[str], *, config_path: str | None,
+                          say: Callable[[str], None], watch: Path | None = None) -> int:
+    """Run ``mesh run REF`` as a child, restarting it on every source change, until SIGINT/SIGTERM."""
+    folder = watch or source_folder(ref)
+    name = resolve_config(load_plugin_class(ref), config_path).name
+    instance_id = new_instance_id(name)
+    cmd = [sys.executable, "-m", "mesh", "run", ref, "--instance-id", instance_id, *child_args]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        say(f"watching {folder} for changes to {ref}")
+        child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                     start_new_session=True, preexec_fn=child_preexec)
+        async for changes in watchfiles.awatch(folder, watch_filter=watchfiles.PythonFilter(), stop_event=stop):
+            changed = ", ".join(sorted({Path(p).name for _, p in changes}))
+            await _stop(child)
+            child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                         start_new_session=True, preexec_fn=child_preexec)
+            say(f"reloaded {ref} as {instance_id} (changed: {changed})")
+        return await _stop(child)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if child is not None:
+            await _stop(child)
+
+
+async def _stop(child: asyncio.subprocess.Process, timeout: float = 20.0) -> int:
+    if child.returncode is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.wait(), timeout)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+    return child.returncode or 0
