@@ -151,13 +151,13 @@ async def test_state_and_registry_survive_nats_server_restart(tmp_path: Path, pr
             async with RegistryService(nc, prefix=prefix):
                 m = Mesh(server.url, prefix, tmp_path, client)
                 try:
-                    await m.spawn("examples.counter:Counter")
+                    counter = await m.spawn("examples.counter:Counter")
                     messaging = PluginMessaging(nc, prefix=prefix, source="test")
                     await messaging.send_message("counter", {"by": 5}, operation="increment")
                     versions_before = await client.list_versions()
 
                     await asyncio.to_thread(server.stop)
-                    await asyncio.to_thread(server.start)  # same port, same store
+                    await server.astart()  # same port, same store
 
                     async def answers() -> object:
                         try:
@@ -169,6 +169,14 @@ async def test_state_and_registry_survive_nats_server_restart(tmp_path: Path, pr
                     await messaging.send_message("counter", {"by": 1}, operation="increment")
                     assert (await messaging.send_message("counter", operation="get")).result == {"total": 6}
                     assert await client.list_versions() == versions_before
+
+                    # The plugin reconnected by itself: same process, same instance, beating again.
+                    async def healthy_again() -> bool:
+                        info = await client.get_plugin(counter.info.id)  # type: ignore[union-attr]
+                        return info is not None and info.health == "healthy" and info.pid == counter.pid
+
+                    await eventually(healthy_again, timeout=15, what="the same instance healthy again")
+                    assert counter.proc.returncode is None
                 finally:
                     await m.close()
         finally:

@@ -116,7 +116,7 @@ async def test_replica_caches_follow_writes_after_a_server_restart(tmp_path: Pat
             await eventually(lambda: _true("svc-1" in b.instance_ids), what="replica b to see svc-1")
 
             await asyncio.to_thread(server.stop)
-            await asyncio.to_thread(server.start)  # same port and store
+            await server.astart()  # same port and store
             await eventually(lambda: _true(all(nc.is_connected for nc in conns)), what="reconnect")
 
             async def registered() -> bool:
