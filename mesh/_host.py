@@ -24,6 +24,9 @@ __all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin_class", "resol
 
 ENTRY_POINT_GROUP = "groundhog.plugins"
 
+#: Exit code of a host whose plugin asked for a restart (EX_TEMPFAIL): the agent restarts it.
+EXIT_RESTART = 75
+
 log = logging.getLogger("mesh.host")
 
 
@@ -119,6 +122,9 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
             await asyncio.gather(requested, signalled, return_exceptions=True)
         log.info("stopping %s", runtime.instance_id)
         ok = await runtime.stop()
+        if runtime.restart_requested:
+            log.error("exiting with code %d so that the agent restarts %s", EXIT_RESTART, runtime.instance_id)
+            return EXIT_RESTART
         return 0 if ok else 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

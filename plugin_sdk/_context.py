@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,9 @@ class PluginContext:
     messaging: PluginMessaging
     state: StateStore
     registry: PluginRegistry
+    #: ``await context.report_error(exc, where="...")``: the runtime's error policy (see
+    #: ``PluginRuntime.handle_plugin_error``) for failures in the plugin's own background work.
+    report_error: Callable[..., Awaitable[None]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

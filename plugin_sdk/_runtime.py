@@ -32,6 +32,7 @@ from ._config import Dependency, PluginConfig
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
 from ._errors import (
     CommunicationError,
+    ConnectionFailed,
     DependencyError,
     InitializationError,
     PayloadTooLarge,
@@ -87,8 +88,10 @@ class PluginRuntime:
                                          source_instance=self.instance_id, permissions=self.config.permissions,
                                          registry=self.registry)
         self.started_at = time.time()
-        #: Set when someone asked this instance to stop over ``<prefix>.control.<id>.stop``.
+        #: Set when someone asked this instance to stop over ``<prefix>.control.<id>.stop``, or
+        #: when :meth:`handle_plugin_error` wants a restart (then ``restart_requested`` is true).
         self.stop_requested = asyncio.Event()
+        self.restart_requested = False
         self._health = Health.STARTING
         self._subs: list[Subscription] = []
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
@@ -134,7 +137,8 @@ class PluginRuntime:
                                   prefix=self.subjects.prefix, nats_url=str(self.nc.connected_url or ""),
                                   started_at=self.started_at, protocol=PROTOCOL_VERSION)
             self.context = PluginContext(runtime=runtime, config=self.config, logger=self.log, metrics=self.metrics,
-                                         messaging=self.messaging, state=state, registry=self.registry)
+                                         messaging=self.messaging, state=state, registry=self.registry,
+                                         report_error=self.handle_plugin_error)
             self._check_protocol()
             await self._step("initialize", self.plugin.initialize, self.context)
             self.plugin.state = PluginState.INITIALIZED
@@ -218,8 +222,30 @@ class PluginRuntime:
                 self.log.warning("dependency %s instance %s is %s%s", name, payload.get("id"), health,
                                  " (gone)" if payload.get("gone") else "")
             await self.plugin.on_dependency_health(name, health, event)
-        except Exception as exc:  # the hook failing must not stop the subscription; logged with context
-            self.log.warning("on_dependency_health raised %s: %s", type(exc).__name__, exc,
+        except Exception as exc:  # the hook failing must not stop the subscription: handled by policy
+            await self.handle_plugin_error(exc, where="on_dependency_health")
+
+    async def handle_plugin_error(self, error: BaseException, *, where: str) -> None:
+        """The specification's ``handle_plugin_error`` policy, for failures outside a request:
+
+        - :class:`InitializationError` → restart: this instance stops and exits non-zero, and its
+          agent starts it again (with backoff);
+        - :class:`ConnectionFailed` (a :class:`CommunicationError` about the connection itself) →
+          reset the connection: nats-py reconnects and resubscribes everything;
+        - anything else → logged with context, and the plugin keeps serving.
+
+        Plugins reach it as ``context.report_error(exc)`` for errors in their own background work.
+        """
+        if isinstance(error, InitializationError):
+            self.log.error("restart requested from %s: %s: %s", where, type(error).__name__, error)
+            self.restart_requested = True
+            self.stop_requested.set()
+        elif isinstance(error, ConnectionFailed):
+            self.log.warning("resetting the NATS connection after %s in %s: %s", type(error).__name__, where, error)
+            self.metrics.increment("connection_resets")
+            await self.nc.force_reconnect()
+        else:
+            self.log.warning("%s raised %s: %s", where, type(error).__name__, error,
                              exc_info=self.log.isEnabledFor(logging.DEBUG))
 
     async def _step(self, what: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -436,10 +462,9 @@ class PluginRuntime:
                 await handler(message_from_msg(msg, target=self.subjects.event_type(msg.subject),
                                                kind=MessageKind.EVENT))
                 self.metrics.increment("events")
-            except Exception as exc:  # one bad event must not stop the subscription; logged with context
+            except Exception as exc:  # one bad event must not stop the subscription: handled by policy
                 self.metrics.increment("event_errors")
-                self.log.warning("event handler %s failed on %s: %s: %s", handler.__name__, msg.subject,
-                                 type(exc).__name__, exc, exc_info=self.log.isEnabledFor(logging.DEBUG))
+                await self.handle_plugin_error(exc, where=f"event handler {handler.__name__} on {msg.subject}")
 
         return on_event
 

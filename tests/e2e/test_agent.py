@@ -155,3 +155,18 @@ async def test_plugins_lists_installed_entry_points(tmp_path: Path, nats_server:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_initialization_error_outside_a_request_restarts_the_instance(
+        agent: Agent, client: PluginRegistry, messaging: PluginMessaging) -> None:
+    (ident,) = await agent.load("testplugins:Licensed")
+    await healthy(client, ident)
+    await messaging.publish_event("license.revoked", {})
+
+    async def restarted() -> PluginInfo | None:
+        info = await client.get_plugin(ident)
+        return info if info is not None and info.restarts == 1 and info.health == Health.HEALTHY else None
+
+    info = await eventually(restarted, timeout=30, what="a restart requested by the plugin")
+    assert info.last_error.startswith("exit code 75")
+    assert (await messaging.send_message("licensed")).result == "licensed"

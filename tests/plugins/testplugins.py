@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from plugin_sdk import Message, Plugin, PluginContext, ResourceError, command
+from plugin_sdk import InitializationError, Message, Plugin, PluginContext, ResourceError, command, on_event
 
 
 class Relay(Plugin):
@@ -87,3 +87,17 @@ class Doomed(Plugin):
 
     async def initialize(self, context: PluginContext) -> None:
         raise RuntimeError("the database is unreachable")
+
+
+class Licensed(Plugin):
+    """Asks to be restarted (InitializationError outside a request) when its licence is revoked."""
+
+    name = "licensed"
+    version = "1.0.0"
+
+    @on_event("license.revoked")
+    async def revoked(self, event: Message) -> None:
+        raise InitializationError("licence revoked; a fresh start reloads it")
+
+    async def handle_message(self, message: Message) -> Any:
+        return "licensed"
