@@ -242,6 +242,7 @@ class PluginMessaging:
         lookup.add_done_callback(lambda _: progress.set())
         result = BroadcastResult()
         expected: set[str] | None = None
+        looked = False
         seen: set[str] = set()
         try:
             await self._nc.publish(subject, body, reply=sub.subject, headers=request_headers(msg, timeout=timeout))
@@ -249,7 +250,8 @@ class PluginMessaging:
                 progress.clear()
                 while arrived:
                     self._gather(arrived.pop(0), msg.id, seen, result)
-                if expected is None and lookup.done():
+                if not looked and lookup.done():
+                    looked = True
                     expected = self._expected(lookup)
                     result.expected_known = expected is not None
                 if expected is not None and expected <= seen:
@@ -323,6 +325,7 @@ class PluginMessaging:
         """Events whose type matches ``pattern`` (NATS wildcards), as an async iterator."""
         self.check_subscribe(pattern)
         sub = await self._nc.subscribe(self.subjects.event(pattern))
+        await self._nc.flush()  # subscribed at the server when this returns: no event published after is missed
         return EventSubscription(sub, self.subjects, pattern, self._subscriptions)
 
     async def close(self) -> None:

@@ -338,6 +338,7 @@ class PluginRuntime:
             self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
             self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler)))
+        await self.nc.flush()  # the server has every subscription before we call ourselves serving
 
     async def _on_request(self, msg: Msg) -> None:
         await self._dispatch(msg, parse_envelope(msg.headers), broadcast=False)
