@@ -46,9 +46,9 @@ from plugin_sdk import (
     PluginRegistry,
     RequestTimeout,
 )
-from plugin_sdk._config import validate_name
+from plugin_sdk._config import load_config_text, validate_name
 from plugin_sdk._natsd import child_preexec
-from plugin_sdk._runtime import new_instance_id
+from plugin_sdk._runtime import check_protocol, new_instance_id
 from plugin_sdk._wire import Subjects, error_reply, loads, success_reply
 
 from ._host import load_plugin_class, resolve_config
@@ -66,13 +66,15 @@ def default_agent_name() -> str:
 
 
 class LoadRequest(BaseModel):
-    """Body of ``<prefix>.agent.<agent>.load``."""
+    """Body of ``<prefix>.agent.<agent>.load`` (unknown fields are ignored: newer callers may add some)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     ref: str
     #: The text of a plugin.toml (sent as text: the file lives on the caller's machine).
     config_toml: str | None = None
+    #: The caller's name for that file, for error messages.
+    config_name: str = ""
     instances: int = Field(default=1, ge=1, le=100)
 
 
@@ -151,6 +153,13 @@ class Agent:
         await self.stop()
 
     async def start(self) -> None:
+        try:  # one name, one agent: commands sent to a name must reach one machine
+            other = await self.nc.request(self.subject("list"), b"", timeout=0.5)
+            if other.data:
+                raise InitializationError(f"an agent named {self.name!r} is already running "
+                                          f"({loads(other.data).get('host')}); choose another --name")
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            pass
         self.data_dir.mkdir(parents=True, exist_ok=True)
         handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "load": self._load, "unload": self._unload, "reload": self._reload, "list": self._list,
@@ -175,15 +184,18 @@ class Agent:
     # -- placing instances -----------------------------------------------------------------
 
     async def load(self, ref: str, *, config_path: Path | None = None, config_toml: str | None = None,
-                   instances: int = 1) -> list[str]:
+                   config_name: str = "", instances: int = 1) -> list[str]:
         """Validate REF (and its config) here, then start ``instances`` supervised instances."""
-        if config_toml is not None:
-            config_path = self.data_dir / "configs" / f"{ref.replace(':', '_').replace('/', '_')}-{time.time_ns()}.toml"
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(config_toml, encoding="utf-8")
         # Importing here gives a typed refusal before anything starts; the child imports afresh.
         cls = await asyncio.to_thread(load_plugin_class, ref)
-        config = resolve_config(cls, config_path)
+        if config_toml is not None:
+            config = load_config_text(config_toml, base=cls.default_config(), source=config_name or "plugin.toml")
+            config_path = self.data_dir / "configs" / f"{config.name}-{time.time_ns()}.toml"
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config_toml, encoding="utf-8")
+        else:
+            config = resolve_config(cls, config_path)
+        check_protocol(config)
         ids = []
         for _ in range(instances):
             p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path)
@@ -208,7 +220,8 @@ class Agent:
         replaced = []
         for p in old:
             (new_id,) = await self.load(p.ref, config_path=p.config_path)
-            await self.wait_healthy(new_id, timeout=ready_timeout)
+            info = await self.wait_healthy(new_id, timeout=ready_timeout)
+            self.placements[new_id].version = info.version  # what the new code declares
             await self._stop_placement(p)
             replaced.append((p.instance_id, new_id))
         return replaced
@@ -349,13 +362,16 @@ class Agent:
             try:
                 result = await fn(loads(msg.data, what=f"agent {verb} request"))
                 body, headers = success_reply(result, instance=self.name)
-            except (PluginError, ValidationError, ValueError) as exc:  # a refusal, typed, to the caller
+            except Exception as exc:  # every failure becomes the caller's typed error (never a silent timeout)
                 err: BaseException = exc
                 if isinstance(exc, ValidationError):
                     err = InvalidMessage(f"agent {verb}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
-                elif not isinstance(exc, PluginError):
+                elif isinstance(exc, ValueError):
                     err = ConfigError(str(exc))
-                log.info("agent %s refused: %s: %s", verb, type(err).__name__, err)
+                if isinstance(err, PluginError):
+                    log.info("agent %s refused: %s: %s", verb, type(err).__name__, err)
+                else:
+                    log.exception("agent %s failed", verb)
                 body, headers = error_reply(ErrorInfo.from_exception(err, plugin=f"agent {self.name}"),
                                             message_id="", instance=self.name)
             if msg.reply:
@@ -366,7 +382,8 @@ class Agent:
 
     async def _load(self, body: Any) -> dict[str, Any]:
         req = LoadRequest.model_validate(body or {})
-        ids = await self.load(req.ref, config_toml=req.config_toml, instances=req.instances)
+        ids = await self.load(req.ref, config_toml=req.config_toml, config_name=req.config_name,
+                              instances=req.instances)
         return {"agent": self.name, "instances": ids}
 
     async def _unload(self, body: Any) -> dict[str, Any]:

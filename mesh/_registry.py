@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from plugin_sdk import Health, InvalidMessage, PluginInfo, UnknownOperation, VersionRecord
 from plugin_sdk._config import check_range, version_matches
-from plugin_sdk._message import ErrorInfo
+from plugin_sdk._message import ErrorInfo, new_id
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import H_ENVELOPE, PROTOCOL_VERSION, Subjects, dumps, error_reply, loads, success_reply
 
@@ -219,6 +219,7 @@ class RegistryService:
                     return  # a last beat that lost the race with its own unregister: do not resurrect
                 await self._put_instance(info)  # first sight: the registry was down, or forgot it
                 await self._record_version(info)
+                await self._announce(info, previous="absent")
                 return
             try:
                 await self._put_instance(info, last=known[1])
@@ -295,7 +296,8 @@ class RegistryService:
             for ident, (info, rev) in list(self._cache.instances.items()):
                 if info.health == Health.HEALTHY and self._current(info, now).health == Health.UNHEALTHY:
                     await self._mark_unhealthy(info, rev)
-                if now - info.last_seen > self.expire_after:
+                if now - info.last_seen > self.expire_after and info.health != Health.FAILED:
+                    # (a failed instance stays listed, with its reason, until its agent unloads it)
                     try:
                         await self._delete_instance(ident, last=rev)
                         log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
@@ -326,7 +328,7 @@ class RegistryService:
         """Publish event ``mesh.health.<name>`` so dependants learn of the change (at most once)."""
         payload = {"id": info.id, "name": info.name, "version": info.version, "health": info.health.value,
                    "previous": previous, "gone": gone, "last_error": info.last_error}
-        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};src=registry"}
+        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()};src=registry"}
         try:
             await self.nc.publish(self.subjects.event(f"mesh.health.{info.name}"), dumps(payload), headers=headers)
         except nats.errors.Error as exc:

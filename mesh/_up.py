@@ -88,6 +88,29 @@ def plan(mesh: MeshFile, *, base_dir: Path, source: str) -> list[Level]:
     return [[(p, entry_of[id(p)]) for p in level] for level in start_levels([p for p, _ in pairs], source=source)]
 
 
+async def start_in_order(agent: Agent, levels: list[Level], *, base_dir: Path,
+                         say: Callable[[str], None]) -> list[list[str]]:
+    """Start each level's instances in parallel; the next level once they are all healthy."""
+    started: list[list[str]] = []
+    for level in levels:
+        ids: list[str] = []
+        for _, entry in level:
+            config = (base_dir / entry.config).resolve() if entry.config else None
+            ids += await agent.load(entry.ref, config_path=config, instances=entry.instances)
+        started.append(ids)
+        names = ", ".join(p.config.name for p, _ in level)
+        say(f"starting {names} ({len(ids)} instance{'s' if len(ids) != 1 else ''})")
+        await asyncio.gather(*(agent.wait_healthy(i, timeout=START_TIMEOUT) for i in ids))
+        say(f"ready: {names}")
+    return started
+
+
+async def stop_in_reverse(agent: Agent, started: list[list[str]]) -> None:
+    """Dependants first: each level stops (in parallel) before the level it depends on."""
+    for ids in reversed(started):
+        await asyncio.gather(*(agent.unload(i) for i in ids if i in agent.placements))
+
+
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                  say: Callable[[str], None], stop: asyncio.Event) -> int:
     nc = await connect(url, name="mesh up", wait=5)
@@ -97,18 +120,11 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
             async with Agent(nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat,
                              data_dir=data_dir / "agent", cwd=base_dir) as agent:
                 say(f"agent {agent.name} serving {prefix}.agent.{agent.name}.*")
-                for level in levels:
-                    ids: list[str] = []
-                    for _, entry in level:
-                        config = (base_dir / entry.config).resolve() if entry.config else None
-                        ids += await agent.load(entry.ref, config_path=config, instances=entry.instances)
-                    names = ", ".join(p.config.name for p, _ in level)
-                    say(f"starting {names} ({len(ids)} instance{'s' if len(ids) != 1 else ''})")
-                    await asyncio.gather(*(agent.wait_healthy(i, timeout=START_TIMEOUT) for i in ids))
-                    say(f"ready: {names}")
+                started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
                 say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
                 await stop.wait()
                 say("stopping plugins")
+                await stop_in_reverse(agent, started)
     finally:
         await close(nc)
     return 0

@@ -245,14 +245,19 @@ def agent(
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from ._agent import Agent
-    from ._up import load_mesh_file
+    from ._up import MeshFile, load_mesh_file, plan, start_in_order, stop_in_reverse
 
     _setup_logging()
+
+    def say(line: str) -> None:
+        err.print(f"[green]agent[/green] {line}", highlight=False)
 
     async def main() -> int:
         import signal
 
-        mesh = load_mesh_file(file) if file else None
+        mesh = load_mesh_file(file) if file else MeshFile()
+        base = (file.parent if file else Path.cwd()).resolve()
+        levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -260,15 +265,13 @@ def agent(
         url = nats_url or default_url()
         nc = await connect(url, name="mesh agent", wait=10)
         try:
-            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(prefix), data_dir=data_dir.resolve(),
-                             restart_limit=restart_limit, restart_window=restart_window,
-                             heartbeat_interval=heartbeat_interval) as ag:
-                for entry in mesh.plugins if mesh else []:
-                    base = file.parent if file else Path.cwd()
-                    config = (base / entry.config).resolve() if entry.config else None
-                    await ag.load(entry.ref, config_path=config, instances=entry.instances)
-                err.print(f"agent {ag.name} ready", highlight=False)
+            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(prefix or mesh.mesh.prefix),
+                             data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
+                             heartbeat_interval=mesh.mesh.heartbeat_interval or heartbeat_interval, cwd=base) as ag:
+                started = await start_in_order(ag, levels, base_dir=base, say=say)
+                say(f"{ag.name} ready")
                 await stop.wait()
+                await stop_in_reverse(ag, started)
         finally:
             await close(nc)
         return 0
@@ -291,6 +294,8 @@ async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[st
                 msg = await sub.next_msg(timeout=remaining)
             except nats.errors.TimeoutError:
                 break
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                break  # the server's "no responders": no agent is running
             found.append(response_from_msg(msg).raise_for_error().result)
     finally:
         await sub.unsubscribe()
@@ -344,7 +349,8 @@ def load(
         p = _prefix(prefix)
         agent_name = await _choose_agent(nc, p, on)
         result = await _agent_call(nc, p, agent_name, "load",
-                                   {"ref": ref, "config_toml": config_toml, "instances": instances}, timeout)
+                                   {"ref": ref, "config_toml": config_toml, "config_name": str(config or ""),
+                                    "instances": instances}, timeout)
         if wait:
             registry = PluginRegistry(nc, prefix=p)
             deadline = asyncio.get_running_loop().time() + timeout
@@ -392,7 +398,7 @@ def unload(
 def reload(
     name: Annotated[str, typer.Argument(help="Plugin name: each instance is replaced by one running new code.")],
     on: OnOpt = None,
-    timeout: AgentTimeout = 60.0,
+    timeout: AgentTimeout = 600.0,
     nats_url: NatsOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:

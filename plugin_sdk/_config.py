@@ -18,8 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ._errors import ConfigError
 
-__all__ = ["NAME_RE", "Dependency", "Permissions", "PluginConfig", "check_range", "load_config_file", "validate_name",
-           "version_matches"]
+__all__ = [
+    "NAME_RE",
+    "Dependency",
+    "Permissions",
+    "PluginConfig",
+    "check_range",
+    "load_config_file",
+    "load_config_text",
+    "validate_name",
+    "version_matches",
+]
 
 #: Plugin names become NATS subject tokens and KV bucket names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -57,7 +66,9 @@ def check_range(spec: str) -> str:
 
 
 def version_matches(version: str, spec: str) -> bool:
-    """Whether ``version`` satisfies the range ``spec`` (pre-releases included)."""
+    """Whether ``version`` satisfies the range ``spec`` (pre-releases included; ``""`` accepts any)."""
+    if not spec.strip():
+        return True
     try:
         return SpecifierSet(spec).contains(Version(version), prereleases=True)
     except (InvalidVersion, InvalidSpecifier):
@@ -157,14 +168,21 @@ def load_config_file(path: str | Path, *, base: PluginConfig | None = None) -> P
     """Read a ``plugin.toml``; its keys override ``base`` (the class's own declaration)."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
+    return load_config_text(text, base=base, source=str(p))
+
+
+def load_config_text(text: str, *, base: PluginConfig | None = None, source: str = "plugin.toml") -> PluginConfig:
+    """Like :func:`load_config_file`, from the file's text (``source`` names it in errors)."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     # Accept both a flat file and one with a [plugin] table.
     if set(data) == {"plugin"} and isinstance(data["plugin"], dict):
         data = data["plugin"]
     if base is None:
-        return _validated(data, str(p))
-    return base.merged(data, source=str(p))
+        return _validated(data, source)
+    return base.merged(data, source=source)

@@ -301,6 +301,9 @@ class PluginMessaging:
         subject = self._event_subjects.get(event_type)
         if subject is None:
             check_event_type(event_type)
+            if event_type.split(".", 1)[0] == "mesh" and self._instance is not None:
+                raise PermissionDenied(f"{self._source} may not publish {event_type!r}: event types under "
+                                       "'mesh.' are the mesh's own (e.g. mesh.health.<name>)", plugin=self._source)
             self._allow("publish", self._perms.publish if self._perms else None, event_type)
             subject = self.subjects.event(event_type)
             if len(self._event_subjects) > 4096:

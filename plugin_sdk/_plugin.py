@@ -7,8 +7,10 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from pydantic import ValidationError
+
 from ._config import Dependency, PluginConfig
-from ._errors import UnknownOperation
+from ._errors import ConfigError, UnknownOperation
 from ._message import Message, MessageKind
 
 if TYPE_CHECKING:
@@ -125,10 +127,17 @@ class Plugin:
         """The config this class declares (``config`` if set, else the class attributes)."""
         if cls.config is not None:
             return cls.config
-        deps = [_as_dependency(d) for d in cls.dependencies]
-        return PluginConfig(name=cls.name or cls.__name__.lower(), version=cls.version,
-                            description=cls.description or (inspect.getdoc(cls) or "").split("\n")[0],
-                            capabilities=list(cls.capabilities), dependencies=deps, protocol=cls.protocol)
+        own_doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "")  # not the base class's docstring
+        data = {"name": cls.name or cls.__name__.lower(), "version": cls.version,
+                "description": cls.description or own_doc.split("\n")[0], "capabilities": list(cls.capabilities),
+                "dependencies": [d.model_dump() if isinstance(d, Dependency) else {"name": d} if isinstance(d, str)
+                                 else d for d in cls.dependencies],
+                "protocol": cls.protocol}
+        try:
+            return PluginConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{cls.__module__}.{cls.__qualname__}: {problems}", plugin=cls.name or None) from None
 
     # -- lifecycle (override what you need) ------------------------------------------------
 
@@ -165,10 +174,3 @@ class Plugin:
                                    plugin=self.default_config().name)
         return await getattr(self, route[0])(message)
 
-
-def _as_dependency(d: Dependency | dict[str, Any] | str) -> Dependency:
-    if isinstance(d, Dependency):
-        return d
-    if isinstance(d, str):
-        return Dependency(name=d)
-    return Dependency.model_validate(d)

@@ -57,7 +57,15 @@ from ._wire import (
     success_reply,
 )
 
-__all__ = ["PluginRuntime", "new_instance_id"]
+__all__ = ["PluginRuntime", "check_protocol", "new_instance_id"]
+
+
+def check_protocol(config: PluginConfig) -> None:
+    """InitializationError unless the plugin was built for the protocol major this side speaks."""
+    if config.protocol.split(".")[0] != PROTOCOL_VERSION:
+        raise InitializationError(
+            f"{config.name} was built for mesh protocol {config.protocol}; this host speaks "
+            f"{PROTOCOL_VERSION} (see docs/migration.md)", plugin=config.name)
 
 
 def new_instance_id(name: str) -> str:
@@ -160,11 +168,7 @@ class PluginRuntime:
         self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"heartbeat {self.instance_id}")
 
     def _check_protocol(self) -> None:
-        wanted = self.config.protocol.split(".")[0]
-        if wanted != PROTOCOL_VERSION:
-            raise InitializationError(
-                f"{self.config.name} was built for mesh protocol {self.config.protocol}; this host speaks "
-                f"{PROTOCOL_VERSION} (see docs/migration.md)", plugin=self.config.name)
+        check_protocol(self.config)
 
     async def _await_dependencies(self) -> None:
         """Until every required dependency has a healthy instance in its range; DependencyError at the timeout."""
