@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from mesh import NatsServer, RegistryService
 from mesh._agent import Agent
-from plugin_sdk import CommunicationError, Health, PluginInfo, PluginMessaging, PluginRegistry
+from plugin_sdk import CommunicationError, Health, InitializationError, PluginInfo, PluginMessaging, PluginRegistry
 from tests.conftest import ROOT, TEST_PLUGINS, eventually, mesh_cli
 
 
@@ -170,3 +170,45 @@ async def test_initialization_error_outside_a_request_restarts_the_instance(
     info = await eventually(restarted, timeout=30, what="a restart requested by the plugin")
     assert info.last_error.startswith("exit code 75")
     assert (await messaging.send_message("licensed")).result == "licensed"
+
+
+async def test_more_refusals_name_their_cause(agent: Agent, nc: NATS, nats_server: NatsServer, prefix: str,
+                                              tmp_path: Path) -> None:
+    # A second agent with the same name would split every command between two machines.
+    with pytest.raises(InitializationError, match="an agent named 'test-agent' is already running"):
+        await Agent(nc, nats_url=nats_server.url, name="test-agent", prefix=prefix, data_dir=tmp_path).start()
+    # A plugin built for another protocol major is refused at load, not after a crash loop.
+    r = await mesh_cli("load", "testplugins:FromTheFuture", url=nats_server.url, prefix=prefix)
+    assert r.code == 1 and "built for mesh protocol 2; this host speaks 1" in r.err
+    # A bad plugin.toml is named as the caller knows it, not by the agent's stored copy.
+    bad = tmp_path / "mine.toml"
+    bad.write_text('version = "v1"\n')
+    r = await mesh_cli("load", "examples.echo:Echo", "--config", str(bad), url=nats_server.url, prefix=prefix)
+    assert r.code == 1 and f"ConfigError: {bad}: version" in r.err
+    assert agent.placements == {}
+
+
+async def test_no_agent_running_is_one_line(nats_server: NatsServer, prefix: str) -> None:
+    for args in (("agents",), ("load", "examples.echo:Echo"), ("unload", "echo"), ("reload", "echo")):
+        r = await mesh_cli(*args, url=nats_server.url, prefix=prefix)
+        assert "Traceback" not in r.err, (args, r.err)
+    r = await mesh_cli("agents", url=nats_server.url, prefix=prefix)
+    assert r.code == 0 and "no agent answered" in r.err
+    r = await mesh_cli("load", "examples.echo:Echo", url=nats_server.url, prefix=prefix)
+    assert r.code == 1 and "no agent is running" in r.err
+
+
+async def test_failed_instances_stay_listed_until_unloaded(agent: Agent, nc: NATS, prefix: str,
+                                                           client: PluginRegistry) -> None:
+    async with RegistryService(nc, prefix=prefix, expire_after=0.5, sweep_interval=0.1):
+        (ident,) = await agent.load("testplugins:Doomed")
+
+        async def failed() -> PluginInfo | None:
+            info = await client.get_plugin(ident)
+            return info if info is not None and info.health == Health.FAILED else None
+
+        await eventually(failed, timeout=60, what="the failed state")
+        await asyncio.sleep(1.0)  # twice expire_after: a silent healthy instance would be gone by now
+        assert await failed() is not None
+        await agent.unload(ident)
+        assert await client.get_plugin(ident) is None

@@ -101,3 +101,10 @@ class Licensed(Plugin):
 
     async def handle_message(self, message: Message) -> Any:
         return "licensed"
+
+
+class FromTheFuture(Plugin):
+    """Built for a protocol this mesh does not speak."""
+
+    name = "future"
+    protocol = "2"

@@ -126,3 +126,26 @@ def test_hot_path_models_equal_validated_ones() -> None:
     assert fast == Message(**fields)
     assert fast.model_dump() == Message(**fields).model_dump()
     assert len({new_id() for _ in range(1000)}) == 1000
+
+
+def test_class_declarations_are_validated_with_a_clear_error() -> None:
+    from typing import Any, ClassVar
+
+    from plugin_sdk import Plugin
+
+    class Documented(Plugin):
+        """Does one thing well."""
+
+        name = "documented"
+
+    class Undocumented(Plugin):
+        name = "undocumented"
+
+    class BadRange(Plugin):
+        name = "bad-range"
+        dependencies: ClassVar[list[Any]] = [{"name": "auth", "version": "~~1"}]
+
+    assert Documented.default_config().description == "Does one thing well."
+    assert Undocumented.default_config().description == ""  # not the base class's docstring
+    with pytest.raises(ConfigError, match=r"BadRange: dependencies\.0\.version: Value error, invalid version range"):
+        BadRange.default_config()
