@@ -75,6 +75,6 @@ async def test_plugins_may_not_forge_mesh_events(nc: NATS, prefix: str) -> None:
     from plugin_sdk import PermissionDenied
 
     plugin_side = PluginMessaging(nc, prefix=prefix, source="sneaky", source_instance="sneaky-1")
-    with pytest.raises(PermissionDenied, match="'mesh.' are the mesh's own"):
+    with pytest.raises(PermissionDenied, match=r"'mesh\.' are the mesh's own"):
         await plugin_side.publish_event("mesh.health.auth", {"health": "failed"})
     await plugin_side.publish_event("meshy.ok")  # only the 'mesh' token is reserved
