@@ -322,7 +322,7 @@ class Agent:
         if p.config_path is not None:
             cmd += ["--config", str(p.config_path)]
         env = dict(os.environ, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts), MESH_LAST_ERROR=p.last_error)
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         p.proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, preexec_fn=child_preexec)
@@ -337,7 +337,17 @@ class Agent:
         detail = next((line for line in reversed(p.log_tail) if "error" in line.lower()), "")
         p.last_error = f"{reason}: {detail}" if detail else reason
         p.crashes.append(time.monotonic())
-        raise ChildCrashed(p.last_error, time.monotonic() - started)
+        # Only a run that got as far as serving (it registered) counts as "stable": a plugin that
+        # dies slowly in start-up (say, a dependency timeout) must still end up failed.
+        served = await self._registered_since(p.instance_id, started_wall)
+        raise ChildCrashed(p.last_error, time.monotonic() - started if served else 0.0)
+
+    async def _registered_since(self, instance_id: str, since: float) -> bool:
+        try:
+            info = await self.registry.get_plugin(instance_id)
+        except CommunicationError:
+            return False
+        return info is not None and info.started_at >= since - 1.0
 
     async def _relay_output(self, p: Placement, stream: asyncio.StreamReader) -> None:
         """Pass the child's log lines on (prefixed with its id) and keep the last few for errors."""

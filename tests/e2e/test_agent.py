@@ -212,3 +212,21 @@ async def test_failed_instances_stay_listed_until_unloaded(agent: Agent, nc: NAT
         assert await failed() is not None
         await agent.unload(ident)
         assert await client.get_plugin(ident) is None
+
+
+async def test_slow_start_failures_still_end_failed(nc: NATS, nats_server: NatsServer, prefix: str, tmp_path: Path,
+                                                    registry: RegistryService, client: PluginRegistry,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TEST_PLUGINS)]))
+    monkeypatch.syspath_prepend(str(TEST_PLUGINS))
+    # Each run outlives stable_after, but never gets as far as serving: not "stable".
+    async with Agent(nc, nats_url=nats_server.url, name="slow-agent", prefix=prefix, data_dir=tmp_path,
+                     restart_limit=2, backoff_base=0.05, backoff_max=0.1, stable_after=0.3, cwd=tmp_path) as a:
+        (ident,) = await a.load("testplugins:Lonely")
+
+        async def failed() -> PluginInfo | None:
+            info = await client.get_plugin(ident)
+            return info if info is not None and info.health == Health.FAILED else None
+
+        info = await eventually(failed, timeout=60, what="the failed state")
+        assert info.restarts == 2 and "lonely -> nobody (no healthy instance)" in info.last_error

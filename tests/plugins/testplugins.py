@@ -7,7 +7,16 @@ import json
 import os
 from typing import Any
 
-from plugin_sdk import InitializationError, Message, Plugin, PluginContext, ResourceError, command, on_event
+from plugin_sdk import (
+    InitializationError,
+    Message,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    ResourceError,
+    command,
+    on_event,
+)
 
 
 class Relay(Plugin):
@@ -108,3 +117,15 @@ class FromTheFuture(Plugin):
 
     name = "future"
     protocol = "2"
+
+
+class Lonely(Plugin):
+    """Needs a plugin that never comes: its start-up fails after dependency_timeout."""
+
+    name = "lonely"
+    dependencies = ["nobody"]
+    config = None
+
+    @classmethod
+    def default_config(cls) -> PluginConfig:
+        return super().default_config().merged({"dependency_timeout": 0.6})
