@@ -92,3 +92,36 @@ async def test_200_runtime_starts_and_stops_on_one_connection(nats_server: NatsS
     subs1, (tasks1, fds1, rss1) = await count_subs(nats_server, nc), snapshot()
     assert (subs1, tasks1) == (subs0, tasks0)
     assert fds1 <= fds0 + 2 and rss1 - rss0 < 20 * 2**20, (fds0, fds1, rss0, rss1)
+
+
+class BrokenCleanup(SpecPlugin):
+    async def cleanup(self) -> None:
+        raise RuntimeError("cleanup exploded")
+
+
+class BrokenInit(SpecPlugin):
+    async def initialize(self, context: object) -> None:
+        await self.context_opened_subscription(context)
+        raise RuntimeError("initialize exploded")
+
+    async def context_opened_subscription(self, context: object) -> None:
+        from plugin_sdk import PluginContext
+
+        assert isinstance(context, PluginContext)
+        await context.messaging.subscribe_to_events("opened.in.initialize")
+
+
+async def test_everything_is_released_when_initialize_or_cleanup_raise(nats_server: NatsServer, nc: NATS,
+                                                                       prefix: str, registry: RegistryService) -> None:
+    from plugin_sdk import InitializationError
+
+    subs0, (tasks0, _, _) = await count_subs(nats_server, nc), snapshot()
+    runtime = PluginRuntime(BrokenCleanup(), nc, prefix=prefix)
+    await runtime.start()
+    await runtime.messaging.subscribe_to_events("left.open")
+    assert await count_subs(nats_server, nc) > subs0
+    assert await runtime.stop() is False  # reported, not hidden
+    with pytest.raises(InitializationError, match="initialize exploded"):
+        await PluginRuntime(BrokenInit(), nc, prefix=prefix).start()
+    assert await count_subs(nats_server, nc) == subs0
+    assert snapshot()[0] == tasks0
