@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import logging
-import os
-import sys
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import nats.errors
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from plugin_sdk import (
@@ -25,7 +18,6 @@ from plugin_sdk import (
     MessageKind,
     PluginError,
     PluginMessaging,
-    PluginNotFound,
     PluginRegistry,
     StateStore,
 )
@@ -34,91 +26,25 @@ from plugin_sdk._natsd import NatsServerError
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import Subjects, check_event_type
 
-from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
-
-T = TypeVar("T")
-
-app = typer.Typer(name="mesh", help="groundhog: a distributed plugin mesh over NATS.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
-state_app = typer.Typer(help="Read and write a plugin's persisted state (JetStream KV).", no_args_is_help=True)
-app.add_typer(state_app, name="state")
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL (env MESH_NATS_URL; default {DEFAULT_URL}).",
-                                             show_default=False)]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh (env MESH_PREFIX; "
-                                               "default mesh).", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
-
-
-class UserError(Exception):
-    """A mistake in what the user typed; printed as one line."""
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine, turning every expected failure into one clear line."""
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except PluginError as exc:
-        where = f" (plugin {exc.plugin})" if exc.plugin and exc.plugin not in str(exc) else ""
-        raise _fail(f"{type(exc).__name__}: {exc}{where}") from None
-    except (UserError, NatsServerError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    except nats.errors.Error as exc:
-        raise _fail(f"NATS: {type(exc).__name__}: {exc}") from None
-
-
-def _payload(raw: str | None) -> Any:
-    if raw is None:
-        return None
-    if raw == "-":
-        raw = sys.stdin.read()
-    elif raw.startswith("@"):
-        try:
-            raw = Path(raw[1:]).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise _fail(f"cannot read payload file {raw[1:]}: {exc.strerror}") from None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
-                    f"{raw[:80]!r}") from None
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-async def _with_nc(nats_url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
-    nc = await connect(nats_url or default_url(), name="mesh cli")
-    try:
-        return await fn(nc)
-    finally:
-        await close(nc)
-
-
-def _setup_logging() -> None:
-    level = os.environ.get("MESH_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _prefix(p: str | None) -> str:
-    prefix = p or default_prefix()
-    Subjects(prefix)  # validates
-    return prefix
-
+from ._cli_common import (
+    JsonOpt,
+    NatsOpt,
+    PrefixOpt,
+    TimeoutOpt,
+    UserError,
+    _fail,
+    _payload,
+    _prefix,
+    _print_json,
+    _run,
+    _setup_logging,
+    _with_nc,
+    app,
+    err,
+    out,
+    state_app,
+)
+from ._connect import close, connect, default_url
 
 # --------------------------------------------------------------------------------------------
 # Running things
@@ -229,254 +155,6 @@ def registry(
         return 0
 
     raise typer.Exit(_run(main()))
-
-
-@app.command()
-def agent(
-    name: Annotated[str | None, typer.Option("--name", help="Agent name (default: the hostname).")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Plugins to run at start (mesh.toml).")] = None,
-    nats_url: NatsOpt = None,
-    prefix: PrefixOpt = None,
-    data_dir: Annotated[Path, typer.Option(help="Where the agent keeps configs sent to it.")] = Path(".mesh/agent"),
-    restart_limit: Annotated[int, typer.Option(min=0, help="Restarts allowed within --restart-window.")] = 5,
-    restart_window: Annotated[float, typer.Option(min=0.1, help="Seconds over which restarts count.")] = 60.0,
-    heartbeat_interval: Annotated[float, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
-                                                      help="Heartbeat interval of the plugins it runs.")] = 2.0,
-) -> None:
-    """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
-    from ._agent import Agent
-    from ._up import MeshFile, load_mesh_file, plan, start_in_order, stop_in_reverse
-
-    _setup_logging()
-
-    def say(line: str) -> None:
-        err.print(f"[green]agent[/green] {line}", highlight=False)
-
-    async def main() -> int:
-        import signal
-
-        mesh = load_mesh_file(file) if file else MeshFile()
-        base = (file.parent if file else Path.cwd()).resolve()
-        levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        url = nats_url or default_url()
-        nc = await connect(url, name="mesh agent", wait=10)
-        try:
-            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(prefix or mesh.mesh.prefix),
-                             data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
-                             heartbeat_interval=mesh.mesh.heartbeat_interval or heartbeat_interval, cwd=base) as ag:
-                started = await start_in_order(ag, levels, base_dir=base, say=say)
-                say(f"{ag.name} ready")
-                await stop.wait()
-                await stop_in_reverse(ag, started)
-        finally:
-            await close(nc)
-        return 0
-
-    raise typer.Exit(_run(main()))
-
-
-async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
-    """Every agent's answer to <prefix>.agents.list within ``timeout``."""
-    from plugin_sdk._wire import response_from_msg
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    found: list[dict[str, Any]] = []
-    try:
-        await nc.publish(f"{prefix}.agents.list", b"", reply=inbox)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=remaining)
-            except nats.errors.TimeoutError:
-                break
-            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                break  # the server's "no responders": no agent is running
-            found.append(response_from_msg(msg).raise_for_error().result)
-    finally:
-        await sub.unsubscribe()
-    return sorted(found, key=lambda a: str(a.get("agent")))
-
-
-async def _agent_call(nc: Any, prefix: str, agent_name: str, verb: str, body: Any, timeout: float) -> Any:
-    from plugin_sdk._wire import dumps, request, response_from_msg
-
-    subject = f"{prefix}.agent.{agent_name}.{verb}"
-    try:
-        msg = await request(nc, subject, dumps(body), headers=None, timeout=timeout, plugin=f"agent {agent_name}")
-    except PluginNotFound:
-        raise UserError(f"no agent named {agent_name!r} is running (mesh agents lists them)") from None
-    return response_from_msg(msg).raise_for_error().result
-
-
-async def _choose_agent(nc: Any, prefix: str, on: str | None) -> str:
-    if on:
-        return on
-    names = [str(a["agent"]) for a in await _agents(nc, prefix)]
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise UserError("no agent is running (start `mesh up` or `mesh agent`)")
-    raise UserError(f"several agents are running ({', '.join(names)}): choose one with --on")
-
-
-OnOpt = Annotated[str | None, typer.Option("--on", help="Agent to act on (default: the only one running).")]
-AgentTimeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the agent.")]
-
-
-@app.command()
-def load(
-    ref: Annotated[str, typer.Argument(help="module:Class or an entry-point name, importable on the agent.")],
-    on: OnOpt = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="plugin.toml (sent to the agent).")] = None,
-    instances: Annotated[int, typer.Option(min=1, max=100, help="How many instances.")] = 1,
-    wait: Annotated[bool, typer.Option(help="Wait until every new instance is healthy.")] = True,
-    timeout: AgentTimeout = 30.0,
-    nats_url: NatsOpt = None,
-    prefix: PrefixOpt = None,
-) -> None:
-    """Start a plugin on an agent (any machine), supervised."""
-    try:
-        config_toml = config.read_text(encoding="utf-8") if config else None
-    except OSError as exc:
-        raise _fail(f"cannot read {config}: {exc.strerror}") from None
-
-    async def main(nc: Any) -> Any:
-        p = _prefix(prefix)
-        agent_name = await _choose_agent(nc, p, on)
-        result = await _agent_call(nc, p, agent_name, "load",
-                                   {"ref": ref, "config_toml": config_toml, "config_name": str(config or ""),
-                                    "instances": instances}, timeout)
-        if wait:
-            registry = PluginRegistry(nc, prefix=p)
-            deadline = asyncio.get_running_loop().time() + timeout
-            pending = set(result["instances"])
-            with err.status(f"waiting for {len(pending)} instance(s) of {ref} on {agent_name}"):
-                while pending:
-                    for ident in list(pending):
-                        info = await registry.get_plugin(ident)
-                        if info is not None and info.health == Health.HEALTHY:
-                            pending.discard(ident)
-                        elif info is not None and info.health == Health.FAILED:
-                            raise UserError(f"{ident} failed: {info.last_error}")
-                    if pending and asyncio.get_running_loop().time() > deadline:
-                        raise UserError(f"not healthy within {timeout:g}s: {', '.join(sorted(pending))} "
-                                        f"(see the agent's log)")
-                    if pending:
-                        await asyncio.sleep(0.1)
-        return result
-
-    _print_json(_run(_with_nc(nats_url, main)))
-
-
-@app.command()
-def unload(
-    target: Annotated[str, typer.Argument(help="Plugin name (all its instances) or one instance id.")],
-    on: OnOpt = None,
-    timeout: AgentTimeout = 30.0,
-    nats_url: NatsOpt = None,
-    prefix: PrefixOpt = None,
-) -> None:
-    """Stop a plugin's instances (drain, stop, cleanup, unregister) wherever agents run them."""
-
-    async def main(nc: Any) -> Any:
-        p = _prefix(prefix)
-        names = [on] if on else [str(a["agent"]) for a in await _agents(nc, p)
-                                 if any(target in (x["id"], x["name"]) for x in a["plugins"])]
-        if not names:
-            raise UserError(f"no agent runs a plugin or instance {target!r}")
-        return [await _agent_call(nc, p, n, "unload", {"target": target}, timeout) for n in names]
-
-    _print_json(_run(_with_nc(nats_url, main)))
-
-
-@app.command()
-def reload(
-    name: Annotated[str, typer.Argument(help="Plugin name: each instance is replaced by one running new code.")],
-    on: OnOpt = None,
-    timeout: AgentTimeout = 600.0,
-    nats_url: NatsOpt = None,
-    prefix: PrefixOpt = None,
-) -> None:
-    """Rolling reload: start a new instance, wait until healthy, then drain and stop the old one."""
-
-    async def main(nc: Any) -> Any:
-        p = _prefix(prefix)
-        names = [on] if on else [str(a["agent"]) for a in await _agents(nc, p)
-                                 if any(x["name"] == name for x in a["plugins"])]
-        if not names:
-            raise UserError(f"no agent runs a plugin {name!r}")
-        return [await _agent_call(nc, p, n, "reload", {"name": name}, timeout) for n in names]
-
-    _print_json(_run(_with_nc(nats_url, main)))
-
-
-@app.command()
-def agents(
-    nats_url: NatsOpt = None,
-    prefix: PrefixOpt = None,
-    as_json: JsonOpt = False,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.05, help="Seconds to gather answers.")] = 0.5,
-) -> None:
-    """List the running agents and the plugin instances each supervises."""
-    found = _run(_with_nc(nats_url, lambda nc: _agents(nc, _prefix(prefix), timeout=timeout)))
-    if as_json:
-        _print_json(found)
-        return
-    if not found:
-        err.print("no agent answered")
-        return
-    table = Table("agent", "host", "instance", "plugin", "state", "restarts", "last error")
-    for a in found:
-        if not a["plugins"]:
-            table.add_row(a["agent"], a["host"], "-", "-", "-", "-", "")
-        for x in a["plugins"]:
-            table.add_row(a["agent"], a["host"], x["id"], x["ref"], x["state"], str(x["restarts"]), x["last_error"])
-    out.print(table)
-
-
-@app.command()
-def plugins(as_json: JsonOpt = False) -> None:
-    """The plugins this machine can load: entry points in group groundhog.plugins, with versions."""
-    from ._host import installed_plugins
-
-    rows = installed_plugins()
-    if as_json:
-        _print_json(rows)
-        return
-    if not rows:
-        err.print("no plugins installed (entry-point group groundhog.plugins)")
-        return
-    table = Table("name", "ref", "distribution", "version")
-    for r in rows:
-        table.add_row(r["name"], r["ref"], r["distribution"], r["version"])
-    out.print(table)
-
-
-new_app = typer.Typer(help="Create things from templates.", no_args_is_help=True)
-app.add_typer(new_app, name="new")
-
-
-@new_app.command("plugin")
-def new_plugin(
-    name: Annotated[str, typer.Argument(help="Plugin name: lowercase letters, digits, '-' and '_'.")],
-    directory: Annotated[Path | None, typer.Option("--dir", help="Where to write it (default: ./NAME).")] = None,
-) -> None:
-    """Scaffold a plugin package: pyproject with the entry point, the class, plugin.toml and a test."""
-    from ._scaffold import scaffold_plugin
-
-    target = directory or Path(name)
-    try:
-        written = scaffold_plugin(name, target)
-    except (ValueError, FileExistsError) as exc:
-        raise _fail(str(exc)) from None
-    for path in written:
-        err.print(f"  wrote {path}", highlight=False)
-    err.print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest", markup=False, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,8 +403,13 @@ def state_keys(plugin: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) 
     _print_json(_run(_with_nc(nats_url, main)))
 
 
+# The agent commands live in their own module; importing it registers them on ``app``.
+from . import _cli_agents  # noqa: E402, F401
+
+
 def main() -> None:
     app()
 
 
 __all__ = ["app", "main"]
+

@@ -1,0 +1,283 @@
+"""``mesh agent`` and the commands that talk to agents: load, unload, reload, agents, plugins, new."""
+
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats.errors
+import typer
+from rich.table import Table
+
+from plugin_sdk import (
+    Health,
+    PluginNotFound,
+    PluginRegistry,
+)
+
+from ._cli_common import (
+    AgentTimeout,
+    JsonOpt,
+    NatsOpt,
+    OnOpt,
+    PrefixOpt,
+    UserError,
+    _fail,
+    _prefix,
+    _print_json,
+    _run,
+    _setup_logging,
+    _with_nc,
+    app,
+    err,
+    out,
+)
+from ._connect import close, connect, default_url
+
+
+@app.command()
+def agent(
+    name: Annotated[str | None, typer.Option("--name", help="Agent name (default: the hostname).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Plugins to run at start (mesh.toml).")] = None,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the agent keeps configs sent to it.")] = Path(".mesh/agent"),
+    restart_limit: Annotated[int, typer.Option(min=0, help="Restarts allowed within --restart-window.")] = 5,
+    restart_window: Annotated[float, typer.Option(min=0.1, help="Seconds over which restarts count.")] = 60.0,
+    heartbeat_interval: Annotated[float, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
+                                                      help="Heartbeat interval of the plugins it runs.")] = 2.0,
+) -> None:
+    """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
+    from ._agent import Agent
+    from ._up import MeshFile, load_mesh_file, plan, start_in_order, stop_in_reverse
+
+    _setup_logging()
+
+    def say(line: str) -> None:
+        err.print(f"[green]agent[/green] {line}", highlight=False)
+
+    async def main() -> int:
+        import signal
+
+        mesh = load_mesh_file(file) if file else MeshFile()
+        base = (file.parent if file else Path.cwd()).resolve()
+        levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        url = nats_url or default_url()
+        nc = await connect(url, name="mesh agent", wait=10)
+        try:
+            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(prefix or mesh.mesh.prefix),
+                             data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
+                             heartbeat_interval=mesh.mesh.heartbeat_interval or heartbeat_interval, cwd=base) as ag:
+                started = await start_in_order(ag, levels, base_dir=base, say=say)
+                say(f"{ag.name} ready")
+                await stop.wait()
+                await stop_in_reverse(ag, started)
+        finally:
+            await close(nc)
+        return 0
+
+    raise typer.Exit(_run(main()))
+
+
+async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
+    """Every agent's answer to <prefix>.agents.list within ``timeout``."""
+    from plugin_sdk._wire import response_from_msg
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[dict[str, Any]] = []
+    try:
+        await nc.publish(f"{prefix}.agents.list", b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except nats.errors.TimeoutError:
+                break
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                break  # the server's "no responders": no agent is running
+            found.append(response_from_msg(msg).raise_for_error().result)
+    finally:
+        await sub.unsubscribe()
+    return sorted(found, key=lambda a: str(a.get("agent")))
+
+
+async def _agent_call(nc: Any, prefix: str, agent_name: str, verb: str, body: Any, timeout: float) -> Any:
+    from plugin_sdk._wire import dumps, request, response_from_msg
+
+    subject = f"{prefix}.agent.{agent_name}.{verb}"
+    try:
+        msg = await request(nc, subject, dumps(body), headers=None, timeout=timeout, plugin=f"agent {agent_name}")
+    except PluginNotFound:
+        raise UserError(f"no agent named {agent_name!r} is running (mesh agents lists them)") from None
+    return response_from_msg(msg).raise_for_error().result
+
+
+async def _choose_agent(nc: Any, prefix: str, on: str | None) -> str:
+    if on:
+        return on
+    names = [str(a["agent"]) for a in await _agents(nc, prefix)]
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise UserError("no agent is running (start `mesh up` or `mesh agent`)")
+    raise UserError(f"several agents are running ({', '.join(names)}): choose one with --on")
+
+
+async def _on_agents_running(nc: Any, prefix: str, on: str | None, match: Callable[[dict[str, Any]], bool],
+                             verb: str, body: Any, timeout: float, *, what: str) -> list[Any]:
+    """Send ``verb`` to agent ``on``, or to every agent running an instance that ``match``es."""
+    names = [on] if on else [str(a["agent"]) for a in await _agents(nc, prefix) if any(map(match, a["plugins"]))]
+    if not names:
+        raise UserError(f"no agent runs {what}")
+    return [await _agent_call(nc, prefix, n, verb, body, timeout) for n in names]
+
+
+
+
+@app.command()
+def load(
+    ref: Annotated[str, typer.Argument(help="module:Class or an entry-point name, importable on the agent.")],
+    on: OnOpt = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="plugin.toml (sent to the agent).")] = None,
+    instances: Annotated[int, typer.Option(min=1, max=100, help="How many instances.")] = 1,
+    wait: Annotated[bool, typer.Option(help="Wait until every new instance is healthy.")] = True,
+    timeout: AgentTimeout = 30.0,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Start a plugin on an agent (any machine), supervised."""
+    try:
+        config_toml = config.read_text(encoding="utf-8") if config else None
+    except OSError as exc:
+        raise _fail(f"cannot read {config}: {exc.strerror}") from None
+
+    async def main(nc: Any) -> Any:
+        p = _prefix(prefix)
+        agent_name = await _choose_agent(nc, p, on)
+        result = await _agent_call(nc, p, agent_name, "load",
+                                   {"ref": ref, "config_toml": config_toml, "config_name": str(config or ""),
+                                    "instances": instances}, timeout)
+        if wait:
+            registry = PluginRegistry(nc, prefix=p)
+            deadline = asyncio.get_running_loop().time() + timeout
+            pending = set(result["instances"])
+            with err.status(f"waiting for {len(pending)} instance(s) of {ref} on {agent_name}"):
+                while pending:
+                    for ident in list(pending):
+                        info = await registry.get_plugin(ident)
+                        if info is not None and info.health == Health.HEALTHY:
+                            pending.discard(ident)
+                        elif info is not None and info.health == Health.FAILED:
+                            raise UserError(f"{ident} failed: {info.last_error}")
+                    if pending and asyncio.get_running_loop().time() > deadline:
+                        raise UserError(f"not healthy within {timeout:g}s: {', '.join(sorted(pending))} "
+                                        f"(see the agent's log)")
+                    if pending:
+                        await asyncio.sleep(0.1)
+        return result
+
+    _print_json(_run(_with_nc(nats_url, main)))
+
+
+@app.command()
+def unload(
+    target: Annotated[str, typer.Argument(help="Plugin name (all its instances) or one instance id.")],
+    on: OnOpt = None,
+    timeout: AgentTimeout = 30.0,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Stop a plugin's instances (drain, stop, cleanup, unregister) wherever agents run them."""
+
+    _print_json(_run(_with_nc(nats_url, lambda nc: _on_agents_running(
+        nc, _prefix(prefix), on, lambda x: target in (x["id"], x["name"]), "unload", {"target": target}, timeout,
+        what=f"a plugin or instance {target!r}"))))
+
+
+@app.command()
+def reload(
+    name: Annotated[str, typer.Argument(help="Plugin name: each instance is replaced by one running new code.")],
+    on: OnOpt = None,
+    timeout: AgentTimeout = 600.0,
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Rolling reload: start a new instance, wait until healthy, then drain and stop the old one."""
+
+    _print_json(_run(_with_nc(nats_url, lambda nc: _on_agents_running(
+        nc, _prefix(prefix), on, lambda x: x["name"] == name, "reload", {"name": name}, timeout,
+        what=f"a plugin {name!r}"))))
+
+
+@app.command()
+def agents(
+    nats_url: NatsOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.05, help="Seconds to gather answers.")] = 0.5,
+) -> None:
+    """List the running agents and the plugin instances each supervises."""
+    found = _run(_with_nc(nats_url, lambda nc: _agents(nc, _prefix(prefix), timeout=timeout)))
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        err.print("no agent answered")
+        return
+    table = Table("agent", "host", "instance", "plugin", "state", "restarts", "last error")
+    for a in found:
+        if not a["plugins"]:
+            table.add_row(a["agent"], a["host"], "-", "-", "-", "-", "")
+        for x in a["plugins"]:
+            table.add_row(a["agent"], a["host"], x["id"], x["ref"], x["state"], str(x["restarts"]), x["last_error"])
+    out.print(table)
+
+
+@app.command()
+def plugins(as_json: JsonOpt = False) -> None:
+    """The plugins this machine can load: entry points in group groundhog.plugins, with versions."""
+    from ._host import installed_plugins
+
+    rows = installed_plugins()
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        err.print("no plugins installed (entry-point group groundhog.plugins)")
+        return
+    table = Table("name", "ref", "distribution", "version")
+    for r in rows:
+        table.add_row(r["name"], r["ref"], r["distribution"], r["version"])
+    out.print(table)
+
+
+new_app = typer.Typer(help="Create things from templates.", no_args_is_help=True)
+app.add_typer(new_app, name="new")
+
+
+@new_app.command("plugin")
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="Plugin name: lowercase letters, digits, '-' and '_'.")],
+    directory: Annotated[Path | None, typer.Option("--dir", help="Where to write it (default: ./NAME).")] = None,
+) -> None:
+    """Scaffold a plugin package: pyproject with the entry point, the class, plugin.toml and a test."""
+    from ._scaffold import scaffold_plugin
+
+    target = directory or Path(name)
+    try:
+        written = scaffold_plugin(name, target)
+    except (ValueError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    for path in written:
+        err.print(f"  wrote {path}", highlight=False)
+    err.print(f"next: cd {target} && pip install -e '.[test]' && python -m pytest", markup=False, highlight=False)
+
+

@@ -1,0 +1,113 @@
+"""Shared pieces of the ``mesh`` command line: the app, consoles, options, error handling."""
+
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import nats.errors
+import typer
+from rich.console import Console
+
+from plugin_sdk import (
+    PluginError,
+)
+from plugin_sdk._natsd import NatsServerError
+from plugin_sdk._wire import Subjects
+
+from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
+
+T = TypeVar("T")
+
+app = typer.Typer(name="mesh", help="groundhog: a distributed plugin mesh over NATS.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+state_app = typer.Typer(help="Read and write a plugin's persisted state (JetStream KV).", no_args_is_help=True)
+app.add_typer(state_app, name="state")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL (env MESH_NATS_URL; default {DEFAULT_URL}).",
+                                             show_default=False)]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh (env MESH_PREFIX; "
+                                               "default mesh).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
+
+
+class UserError(Exception):
+    """A mistake in what the user typed; printed as one line."""
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine, turning every expected failure into one clear line."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except PluginError as exc:
+        where = f" (plugin {exc.plugin})" if exc.plugin and exc.plugin not in str(exc) else ""
+        raise _fail(f"{type(exc).__name__}: {exc}{where}") from None
+    except (UserError, NatsServerError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    except nats.errors.Error as exc:
+        raise _fail(f"NATS: {type(exc).__name__}: {exc}") from None
+
+
+def _payload(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    if raw == "-":
+        raw = sys.stdin.read()
+    elif raw.startswith("@"):
+        try:
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _fail(f"cannot read payload file {raw[1:]}: {exc.strerror}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"payload is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                    f"{raw[:80]!r}") from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+async def _with_nc(nats_url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    nc = await connect(nats_url or default_url(), name="mesh cli")
+    try:
+        return await fn(nc)
+    finally:
+        await close(nc)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("MESH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _prefix(p: str | None) -> str:
+    prefix = p or default_prefix()
+    Subjects(prefix)  # validates
+    return prefix
+
+
+
+OnOpt = Annotated[str | None, typer.Option("--on", help="Agent to act on (default: the only one running).")]
+AgentTimeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the agent.")]
