@@ -51,7 +51,7 @@ from plugin_sdk._natsd import child_preexec
 from plugin_sdk._runtime import check_protocol, new_instance_id
 from plugin_sdk._wire import Subjects, error_reply, loads, success_reply
 
-from ._host import load_plugin_class, resolve_config
+from ._host import EXIT_RESTART, load_plugin_class, resolve_config
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
 
@@ -157,7 +157,8 @@ class Agent:
             other = await self.nc.request(self.subject("list"), b"", timeout=0.5)
             if other.data:
                 raise InitializationError(f"an agent named {self.name!r} is already running "
-                                          f"({loads(other.data).get('host')}); choose another --name")
+                                          f"({loads(other.data).get('host')}); give this one another name "
+                                          "(mesh agent --name NAME)")
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             pass
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +340,8 @@ class Agent:
         p.crashes.append(time.monotonic())
         # Only a run that got as far as serving (it registered) counts as "stable": a plugin that
         # dies slowly in start-up (say, a dependency timeout) must still end up failed.
-        served = await self._registered_since(p.instance_id, started_wall)
+        # A requested restart (EXIT_RESTART) is a plugin's own decision after serving, not a crash loop.
+        served = code == EXIT_RESTART or await self._registered_since(p.instance_id, started_wall)
         raise ChildCrashed(p.last_error, time.monotonic() - started if served else 0.0)
 
     async def _registered_since(self, instance_id: str, since: float) -> bool:

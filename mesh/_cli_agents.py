@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,8 +48,9 @@ def agent(
     data_dir: Annotated[Path, typer.Option(help="Where the agent keeps configs sent to it.")] = Path(".mesh/agent"),
     restart_limit: Annotated[int, typer.Option(min=0, help="Restarts allowed within --restart-window.")] = 5,
     restart_window: Annotated[float, typer.Option(min=0.1, help="Seconds over which restarts count.")] = 60.0,
-    heartbeat_interval: Annotated[float, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
-                                                      help="Heartbeat interval of the plugins it runs.")] = 2.0,
+    heartbeat_interval: Annotated[float | None, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
+                                                             help="Heartbeat interval of the plugins it runs "
+                                                             "(default: the file's, else 2).")] = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from ._agent import Agent
@@ -72,9 +74,12 @@ def agent(
         url = nats_url or default_url()
         nc = await connect(url, name="mesh agent", wait=10)
         try:
-            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(prefix or mesh.mesh.prefix),
+            # Precedence, as in `mesh up`: option, then environment, then the file, then the default.
+            chosen_prefix = prefix or os.environ.get("MESH_PREFIX") or mesh.mesh.prefix
+            async with Agent(nc, nats_url=url, name=name, prefix=_prefix(chosen_prefix),
                              data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
-                             heartbeat_interval=mesh.mesh.heartbeat_interval or heartbeat_interval, cwd=base) as ag:
+                             heartbeat_interval=heartbeat_interval or mesh.mesh.heartbeat_interval or 2.0,
+                             cwd=base) as ag:
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()

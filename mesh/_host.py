@@ -123,7 +123,7 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
         log.info("stopping %s", runtime.instance_id)
         ok = await runtime.stop()
         if runtime.restart_requested:
-            log.error("exiting with code %d so that the agent restarts %s", EXIT_RESTART, runtime.instance_id)
+            log.warning("exiting with code %d so that the agent restarts %s", EXIT_RESTART, runtime.instance_id)
             return EXIT_RESTART
         return 0 if ok else 1
     finally:

@@ -34,12 +34,21 @@ def source_folder(ref: str) -> Path:
     return Path(root).resolve().parent if root and Path(root).name == "__init__.py" else file.parent
 
 
+_DEFAULT_FILTER = watchfiles.DefaultFilter()
+
+
+def _source_filter(change: watchfiles.Change, path: str) -> bool:
+    """Python sources and TOML configs (a plugin.toml beside the code), minus editor droppings."""
+    return path.endswith((".py", ".toml")) and _DEFAULT_FILTER(change, path)
+
+
 async def run_with_reload(ref: str, child_args: list[str], *, config_path: str | None,
-                          say: Callable[[str], None], watch: Path | None = None) -> int:
+                          say: Callable[[str], None], watch: Path | None = None,
+                          instance_id: str | None = None) -> int:
     """Run ``mesh run REF`` as a child, restarting it on every source change, until SIGINT/SIGTERM."""
     folder = watch or source_folder(ref)
     name = resolve_config(load_plugin_class(ref), config_path).name
-    instance_id = new_instance_id(name)
+    instance_id = instance_id or new_instance_id(name)
     cmd = [sys.executable, "-m", "mesh", "run", ref, "--instance-id", instance_id, *child_args]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,7 +59,7 @@ async def run_with_reload(ref: str, child_args: list[str], *, config_path: str |
         say(f"watching {folder} for changes to {ref}")
         child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                      start_new_session=True, preexec_fn=child_preexec)
-        async for changes in watchfiles.awatch(folder, watch_filter=watchfiles.PythonFilter(), stop_event=stop):
+        async for changes in watchfiles.awatch(folder, watch_filter=_source_filter, stop_event=stop):
             changed = ", ".join(sorted({Path(p).name for _, p in changes}))
             await _stop(child)
             child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
@@ -72,4 +81,5 @@ async def _stop(child: asyncio.subprocess.Process, timeout: float = 20.0) -> int
         except TimeoutError:
             child.kill()
             await child.wait()
-    return child.returncode or 0
+    code = child.returncode or 0
+    return code if code >= 0 else 1  # killed by a signal

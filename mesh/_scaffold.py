@@ -60,10 +60,11 @@ class {cls}(Plugin):
     async def greet(self, message: Message) -> dict[str, Any]:
         assert self.context is not None
         who = (message.payload or {{}}).get("name", "world")
+        greeting = self.context.settings.get("greeting", "hello")  # plugin.toml's [settings]
         count = await self.context.state.get("greeted", 0) + 1
         await self.context.state.put("greeted", count)
         await self.context.messaging.publish_event("{name}.greeted", {{"name": who, "count": count}})
-        return {{"greeting": f"hello {{who}}", "count": count}}
+        return {{"greeting": f"{{greeting}} {{who}}", "count": count}}
 
     @query("count")
     async def count(self, message: Message) -> int:

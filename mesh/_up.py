@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from plugin_sdk import ConfigError
 from plugin_sdk._natsd import NatsServer
+from plugin_sdk._runtime import check_protocol
 from plugin_sdk._wire import Subjects
 
 from ._agent import Agent
@@ -82,8 +83,9 @@ def plan(mesh: MeshFile, *, base_dir: Path, source: str) -> list[Level]:
     pairs = []
     for entry in mesh.plugins:
         cls = load_plugin_class(entry.ref)
-        pairs.append((Planned(entry.ref, resolve_config(cls, (base_dir / entry.config) if entry.config else None)),
-                      entry))
+        config = resolve_config(cls, (base_dir / entry.config) if entry.config else None)
+        check_protocol(config)  # refused before anything starts
+        pairs.append((Planned(entry.ref, config), entry))
     entry_of = {id(p): e for p, e in pairs}
     return [[(p, entry_of[id(p)]) for p in level] for level in start_levels([p for p, _ in pairs], source=source)]
 

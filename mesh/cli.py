@@ -115,7 +115,7 @@ def run(
             err.print(f"[green]mesh[/green] {line}", highlight=False)
 
         raise typer.Exit(_run(run_with_reload(ref, child_args, config_path=str(config) if config else None,
-                                              say=say)))
+                                              say=say, instance_id=instance_id)))
     if instance_id is not None:
         try:
             validate_name(instance_id, what="instance id")

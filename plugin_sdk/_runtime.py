@@ -229,7 +229,7 @@ class PluginRuntime:
         except Exception as exc:  # the hook failing must not stop the subscription: handled by policy
             await self.handle_plugin_error(exc, where="on_dependency_health")
 
-    async def handle_plugin_error(self, error: BaseException, *, where: str) -> None:
+    async def handle_plugin_error(self, error: BaseException, *, where: str = "plugin code") -> None:
         """The specification's ``handle_plugin_error`` policy, for failures outside a request:
 
         - :class:`InitializationError` → restart: this instance stops and exits non-zero, and its

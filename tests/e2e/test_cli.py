@@ -200,3 +200,12 @@ async def test_mesh_up_refuses_a_dependency_cycle_before_starting(tmp_path: Path
     r = await mesh_cli("up", "--data-dir", str(tmp_path / "data"), url="", prefix=prefix, cwd=tmp_path)
     assert r.code == 1 and "DependencyError" in r.err and "dependency cycle a -> b -> c -> a" in r.err
     assert not (tmp_path / "data" / "nats-server.log").exists()  # refused before anything started
+
+
+async def test_mesh_up_refuses_another_protocol_before_starting(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "future.py").write_text("from plugin_sdk import Plugin\nclass F(Plugin):\n    name = 'f'\n"
+                                        "    protocol = '2'\n")
+    (tmp_path / "mesh.toml").write_text('[[plugins]]\nref = "future:F"\n')
+    r = await mesh_cli("up", "--data-dir", str(tmp_path / "data"), url="", prefix=prefix, cwd=tmp_path)
+    assert r.code == 1 and "built for mesh protocol 2; this host speaks 1" in r.err
+    assert not (tmp_path / "data" / "nats-server.log").exists()
