@@ -19,6 +19,7 @@ from pathlib import Path
 from plugin_sdk import InitializationError, Plugin, PluginConfig, PluginRuntime, load_config_file
 
 from ._connect import close, connect
+from ._telemetry import setup_tracing
 
 __all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin_class", "resolve_config", "run_plugin"]
 
@@ -105,9 +106,11 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    flush_traces = None
     try:
         runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval,
                                 instance_id=instance_id, supervision=supervision_from_env())
+        flush_traces = setup_tracing(config.name, version=config.version, instance_id=runtime.instance_id)
         await runtime.start()
         log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
         if ready is not None:
@@ -130,3 +133,5 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await close(nc)
+        if flush_traces is not None:
+            await asyncio.to_thread(flush_traces)  # the spans still queued go out before we exit

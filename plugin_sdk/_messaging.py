@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from . import _tracing
 from ._config import Permissions, check_range
 from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied, PluginNotFound
 from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
@@ -180,12 +181,23 @@ class PluginMessaging:
         msg = self._message(target, message_or_payload, kind, operation, metadata)
         t = timeout if timeout is not None else self._timeout
         subject = self.subjects.target(target)
+        if not _tracing.enabled():  # the hot path: no span, no context to carry
+            return await self._send(msg, subject, t, version, raise_on_error, None)
+        with _tracing.produce(subject, attributes={"messaging.message.id": msg.id,
+                                                   "mesh.operation": msg.operation}) as carrier:
+            return await self._send(msg, subject, t, version, raise_on_error, carrier)
+
+    async def _send(self, msg: Message, subject: str, timeout: float, version: str | None, raise_on_error: bool,
+                    trace_headers: dict[str, str] | None) -> Response:
+        headers = request_headers(msg, timeout=timeout)
+        if trace_headers:
+            headers.update(trace_headers)
         try:
-            reply = await request(self._nc, subject, self._encode(msg, subject),
-                                  headers=request_headers(msg, timeout=t), timeout=t, plugin=target)
+            reply = await request(self._nc, subject, self._encode(msg, subject), headers=headers, timeout=timeout,
+                                  plugin=msg.target)
         except PluginNotFound:
             if version:  # the chosen instance went away: ask afresh next time
-                self._ranges.pop((target.split(".", 1)[0], version), None)
+                self._ranges.pop((msg.target.split(".", 1)[0], version), None)
             raise
         response = response_from_msg(reply, message_id=msg.id)
         if raise_on_error and response.error is not None:
@@ -245,7 +257,10 @@ class PluginMessaging:
         looked = False
         seen: set[str] = set()
         try:
-            await self._nc.publish(subject, body, reply=sub.subject, headers=request_headers(msg, timeout=timeout))
+            headers = request_headers(msg, timeout=timeout)
+            with _tracing.produce(subject) as carrier:
+                headers.update(carrier)
+                await self._nc.publish(subject, body, reply=sub.subject, headers=headers)
             while True:
                 progress.clear()
                 while arrived:
@@ -314,6 +329,14 @@ class PluginMessaging:
         headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()}{self._env_tail}"}
         if metadata:
             headers[H_METADATA] = dumps(Message(metadata=metadata).metadata).decode()
+        if _tracing.enabled():
+            with _tracing.produce(subject, operation="publish") as carrier:
+                headers.update(carrier)
+                await self._publish(subject, body, headers)
+        else:
+            await self._publish(subject, body, headers)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         try:
             await self._nc.publish(subject, body, headers=headers)
         except nats.errors.ConnectionClosedError:

@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from . import _tracing
 from ._config import Dependency, PluginConfig
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
 from ._errors import (
@@ -393,15 +394,14 @@ class PluginRuntime:
                                       f"max_payload of {self.config.max_payload}", plugin=self.config.name)
             message = message_from_msg(msg, target=self.config.name, env=env)
             message_id = message.id
-            try:
-                result = await self.plugin.handle_message(message)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or task not in self._expired:
-                    raise  # shutting down: not ours to answer
-                task.uncancel()  # the watchdog's cancel: answer it as a timeout
-                raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
-                                     plugin=self.config.name) from None
+            if _tracing.enabled():
+                group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
+                with _tracing.consume(msg.subject, msg.headers, link=broadcast, attributes={
+                        "messaging.consumer.group.name": group, "messaging.message.id": message.id,
+                        "mesh.operation": message.operation, "mesh.source": message.source or None}):
+                    result = await self._invoke(message, timeout)
+            else:
+                result = await self._invoke(message, timeout)
             if isinstance(result, Response):
                 if result.error is not None:
                     body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
@@ -422,6 +422,17 @@ class PluginRuntime:
                 await self.nc.publish(msg.reply, body, headers=reply_headers)
             except nats.errors.Error as exc:
                 self.log.warning("could not reply on %s: %s", msg.subject, exc)
+
+    async def _invoke(self, message: Message, timeout: float) -> Any:
+        try:
+            return await self.plugin.handle_message(message)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task not in self._expired:
+                raise  # shutting down: not ours to answer
+            task.uncancel()  # the watchdog's cancel: answer it as a timeout
+            raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
+                                 plugin=self.config.name) from None
 
     def _success(self, result: Any, broadcast: bool) -> tuple[bytes, dict[str, str] | None]:
         # A direct reply needs no header (the caller knows what it asked); a broadcast reply names
@@ -464,8 +475,13 @@ class PluginRuntime:
     def _event_callback(self, handler: Callable[[Message], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
         async def on_event(msg: Msg) -> None:
             try:
-                await handler(message_from_msg(msg, target=self.subjects.event_type(msg.subject),
-                                               kind=MessageKind.EVENT))
+                event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
+                if _tracing.enabled():
+                    with _tracing.consume(msg.subject, msg.headers, link=True, attributes={
+                            "messaging.message.id": event.id, "mesh.source": event.source or None}):
+                        await handler(event)
+                else:
+                    await handler(event)
                 self.metrics.increment("events")
             except Exception as exc:  # one bad event must not stop the subscription: handled by policy
                 self.metrics.increment("event_errors")

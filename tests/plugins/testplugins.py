@@ -129,3 +129,35 @@ class Lonely(Plugin):
     @classmethod
     def default_config(cls) -> PluginConfig:
         return super().default_config().merged({"dependency_timeout": 0.6})
+
+
+class Announcer(Plugin):
+    """B in the traced flow: answers, and publishes an event about it (inside a span of its own)."""
+
+    name = "announcer"
+    version = "1.2.0"
+
+    async def handle_message(self, message: Message) -> Any:
+        from opentelemetry import trace
+
+        assert self.context is not None
+        with trace.get_tracer("announcer").start_as_current_span("compose announcement"):
+            await self.context.messaging.publish_event("news.posted", {"text": message.payload})
+        return {"announced": message.payload}
+
+
+class Archivist(Plugin):
+    """C in the traced flow: handles the event."""
+
+    name = "archivist"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Any] = []
+
+    @on_event("news.*")
+    async def keep(self, event: Message) -> None:
+        self.kept.append(event.payload)
+
+    async def handle_message(self, message: Message) -> Any:
+        return self.kept
