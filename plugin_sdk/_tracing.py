@@ -11,6 +11,7 @@ which sends to B, which publishes an event that C handles, is one trace.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,10 +24,22 @@ _tracer = trace.get_tracer("groundhog.mesh")
 _NO_HEADERS: dict[str, str] = {}
 
 
+_UNKNOWN = object()
+if os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"):
+    trace.get_tracer_provider()  # a provider named by the environment is loaded on first use: load it now
+
+
 def enabled() -> bool:
-    """Whether an SDK tracer provider is installed in this process."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    """Whether a real tracer provider is installed in this process (called on every message).
+
+    ``trace.get_tracer_provider()`` costs ~1.3 µs (it reads ``os.environ``); the global it returns,
+    read directly, costs ~0.05 µs. The public call remains the fallback should the API change.
+    """
+    provider = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is _UNKNOWN:
+        provider = trace.get_tracer_provider()
+        return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
 
 
 def _attributes(subject: str, operation: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
