@@ -32,7 +32,16 @@ from plugin_sdk import Health, InvalidMessage, PluginInfo, UnknownOperation, Ver
 from plugin_sdk._config import check_range, version_matches
 from plugin_sdk._message import ErrorInfo, new_id
 from plugin_sdk._state import open_bucket
-from plugin_sdk._wire import H_ENVELOPE, PROTOCOL_VERSION, Subjects, dumps, error_reply, loads, success_reply
+from plugin_sdk._wire import (
+    H_ENVELOPE,
+    PROTOCOL_VERSION,
+    Subjects,
+    drain_all,
+    dumps,
+    error_reply,
+    loads,
+    success_reply,
+)
 
 __all__ = ["RegistryService"]
 
@@ -91,9 +100,8 @@ class RegistryService:
     async def stop(self) -> None:
         """Stop serving; safe to call twice."""
         subs, self._subs = self._subs, []
-        for sub in subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.drain()  # type: ignore[no-untyped-call]
+        if not await drain_all(subs, timeout=5.0):
+            log.warning("registry subscriptions did not drain within 5s; unsubscribed")
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -51,6 +51,7 @@ from ._wire import (
     E_TIMEOUT,
     PROTOCOL_VERSION,
     Subjects,
+    drain_all,
     dumps,
     error_reply,
     message_from_msg,
@@ -297,9 +298,8 @@ class PluginRuntime:
             with contextlib.suppress(CommunicationError, nats.errors.Error):
                 await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
         # Stop taking messages, let the subscriptions' queued callbacks run, then await handlers.
-        for sub in self._subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.drain()  # type: ignore[no-untyped-call]
+        if not await drain_all(self._subs, timeout=drain_timeout):
+            self.log.warning("subscriptions did not drain within %.1fs; unsubscribed", drain_timeout)
         self._subs.clear()
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)

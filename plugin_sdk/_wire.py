@@ -5,6 +5,8 @@ Documented for humans in ``docs/subjects.md``; keep the two in step.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -13,6 +15,7 @@ import nats.errors
 import pydantic_core
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from ._errors import (
     ConnectionFailed,
@@ -277,3 +280,25 @@ async def request(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str
             nats.errors.ConnectionReconnectingError) as exc:
         raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", plugin=plugin,
                                subject=subject) from None
+
+
+async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
+    """Drain ``subs`` together (stop interest, let queued callbacks finish) within ``timeout``.
+
+    nats-py's drain waits, without a limit, for every queued callback; one that never finishes
+    would hang a shutdown. Past ``timeout`` the rest are unsubscribed. False if that happened.
+    """
+
+    async def drain(sub: Subscription) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.drain()  # type: ignore[no-untyped-call]
+
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(drain(sub) for sub in subs))
+        return True
+    except TimeoutError:
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return False
