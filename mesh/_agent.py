@@ -28,19 +28,15 @@ from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from plugin_sdk import (
     CommunicationError,
-    ConfigError,
-    ErrorInfo,
     Health,
     InitializationError,
     InvalidMessage,
-    PluginError,
     PluginInfo,
     PluginNotFound,
     PluginRegistry,
@@ -49,9 +45,10 @@ from plugin_sdk import (
 from plugin_sdk._config import load_config_text, validate_name
 from plugin_sdk._natsd import child_preexec
 from plugin_sdk._runtime import check_protocol, new_instance_id
-from plugin_sdk._wire import Subjects, error_reply, loads, success_reply
+from plugin_sdk._wire import Subjects, loads
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
+from ._service import json_handler
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
 
@@ -165,10 +162,12 @@ class Agent:
         handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "load": self._load, "unload": self._unload, "reload": self._reload, "list": self._list,
         }
+        label = f"agent {self.name}"
         for verb, fn in handlers.items():
-            self._subs.append(await self.nc.subscribe(self.subject(verb), cb=self._serve(verb, fn)))
-        self._subs.append(await self.nc.subscribe(f"{self.subjects.prefix}.agents.list",
-                                                  cb=self._serve("list", self._list)))
+            cb = json_handler(self.nc, label, verb, fn, instance=self.name, log=log)
+            self._subs.append(await self.nc.subscribe(self.subject(verb), cb=cb))
+        cb = json_handler(self.nc, label, "list", self._list, instance=self.name, log=log)
+        self._subs.append(await self.nc.subscribe(f"{self.subjects.prefix}.agents.list", cb=cb))
         log.info("agent %s serving %s.*", self.name, self.subject("")[:-1])
 
     async def stop(self, *, timeout: float = 20.0) -> None:
@@ -368,29 +367,6 @@ class Agent:
             await self.registry.register_plugin(info)
 
     # -- the NATS API ----------------------------------------------------------------------
-
-    def _serve(self, verb: str, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
-        async def handler(msg: Msg) -> None:
-            try:
-                result = await fn(loads(msg.data, what=f"agent {verb} request"))
-                body, headers = success_reply(result, instance=self.name)
-            except Exception as exc:  # every failure becomes the caller's typed error (never a silent timeout)
-                err: BaseException = exc
-                if isinstance(exc, ValidationError):
-                    err = InvalidMessage(f"agent {verb}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
-                elif isinstance(exc, ValueError):
-                    err = ConfigError(str(exc))
-                if isinstance(err, PluginError):
-                    log.info("agent %s refused: %s: %s", verb, type(err).__name__, err)
-                else:
-                    log.exception("agent %s failed", verb)
-                body, headers = error_reply(ErrorInfo.from_exception(err, plugin=f"agent {self.name}"),
-                                            message_id="", instance=self.name)
-            if msg.reply:
-                with contextlib.suppress(nats.errors.Error):
-                    await self.nc.publish(msg.reply, body, headers=headers)
-
-        return handler
 
     async def _load(self, body: Any) -> dict[str, Any]:
         req = LoadRequest.model_validate(body or {})

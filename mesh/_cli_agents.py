@@ -37,6 +37,7 @@ from ._cli_common import (
     out,
 )
 from ._connect import close, connect, default_url
+from ._service import stop_on_signals
 
 
 @app.command()
@@ -62,15 +63,13 @@ def agent(
         err.print(f"[green]agent[/green] {line}", highlight=False)
 
     async def main() -> int:
-        import signal
+        with stop_on_signals() as stop:
+            return await serve(stop)
 
+    async def serve(stop: asyncio.Event) -> int:
         mesh = load_mesh_file(file) if file else MeshFile()
         base = (file.parent if file else Path.cwd()).resolve()
         levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         url = nats_url or default_url()
         nc = await connect(url, name="mesh agent", wait=10)
         try:

@@ -11,7 +11,6 @@ import asyncio
 import importlib
 import logging
 import os
-import signal
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from plugin_sdk import InitializationError, Plugin, PluginConfig, PluginRuntime, load_config_file
 
 from ._connect import close, connect
+from ._service import stop_on_signals
 from ._telemetry import setup_tracing
 
 __all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin_class", "resolve_config", "run_plugin"]
@@ -102,36 +102,25 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
     config = resolve_config(cls, config_path)
     plugin = cls()
     nc = await connect(nats_url, name=f"plugin {config.name}", wait=connect_wait)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     flush_traces = None
     try:
         runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval,
                                 instance_id=instance_id, supervision=supervision_from_env())
         flush_traces = setup_tracing(config.name, version=config.version, instance_id=runtime.instance_id)
-        await runtime.start()
-        log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
-        if ready is not None:
-            ready.set()
-        requested = asyncio.create_task(runtime.stop_requested.wait())
-        signalled = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({requested, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (requested, signalled):
-                t.cancel()
-            await asyncio.gather(requested, signalled, return_exceptions=True)
-        log.info("stopping %s", runtime.instance_id)
-        ok = await runtime.stop()
+        # A signal and a control "stop" (or a restart the plugin asks for) set the same event.
+        with stop_on_signals(runtime.stop_requested):
+            await runtime.start()
+            log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
+            if ready is not None:
+                ready.set()
+            await runtime.stop_requested.wait()
+            log.info("stopping %s", runtime.instance_id)
+            ok = await runtime.stop()
         if runtime.restart_requested:
             log.warning("exiting with code %d so that the agent restarts %s", EXIT_RESTART, runtime.instance_id)
             return EXIT_RESTART
         return 0 if ok else 1
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         await close(nc)
         if flush_traces is not None:
             await asyncio.to_thread(flush_traces)  # the spans still queued go out before we exit

@@ -28,9 +28,9 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from plugin_sdk import Health, InvalidMessage, PluginInfo, UnknownOperation, VersionRecord
+from plugin_sdk import Health, InvalidMessage, PluginInfo, VersionRecord
 from plugin_sdk._config import check_range, version_matches
-from plugin_sdk._message import ErrorInfo, new_id
+from plugin_sdk._message import new_id
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import (
     H_ENVELOPE,
@@ -38,10 +38,10 @@ from plugin_sdk._wire import (
     Subjects,
     drain_all,
     dumps,
-    error_reply,
     loads,
-    success_reply,
 )
+
+from ._service import json_handler
 
 __all__ = ["RegistryService"]
 
@@ -91,7 +91,8 @@ class RegistryService:
         }
         for verb, fn in handlers.items():
             self._subs.append(await self.nc.subscribe(self.subjects.registry(verb), queue=QUEUE,
-                                                      cb=self._serve(verb, fn)))
+                                                      cb=json_handler(self.nc, "registry", verb, fn,
+                                                                      instance="registry", log=log)))
         self._subs.append(await self.nc.subscribe(self.subjects.registry("heartbeat"), queue=QUEUE,
                                                   cb=self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._sweep(), name="registry sweeper"))
@@ -191,22 +192,6 @@ class RegistryService:
         log.warning("gave up recording version %s %s after 10 conflicting writes", info.name, info.version)
 
     # -- handlers ----------------------------------------------------------------------
-
-    def _serve(self, verb: str, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
-        async def handler(msg: Msg) -> None:
-            try:
-                result = await fn(loads(msg.data, what=f"registry {verb} request"))
-                body, headers = success_reply(result, instance="registry")
-            except (InvalidMessage, ValidationError, UnknownOperation, nats.errors.Error) as exc:
-                # A bad request or a JetStream failure becomes the caller's typed error.
-                log.info("registry %s failed: %s: %s", verb, type(exc).__name__, exc)
-                err = InvalidMessage(f"registry {verb}: {exc}") if isinstance(exc, ValidationError) else exc
-                body, headers = error_reply(ErrorInfo.from_exception(err, plugin="registry"), message_id="",
-                                            instance="registry")
-            if msg.reply:
-                await self.nc.publish(msg.reply, body, headers=headers)
-
-        return handler
 
     async def _register(self, body: Any) -> bool:
         info = PluginInfo.model_validate(body)

@@ -20,6 +20,7 @@ from plugin_sdk._natsd import child_preexec
 from plugin_sdk._runtime import new_instance_id
 
 from ._host import load_plugin_class, resolve_config
+from ._service import stop_on_signals
 
 __all__ = ["run_with_reload", "source_folder"]
 
@@ -50,27 +51,22 @@ async def run_with_reload(ref: str, child_args: list[str], *, config_path: str |
     name = resolve_config(load_plugin_class(ref), config_path).name
     instance_id = instance_id or new_instance_id(name)
     cmd = [sys.executable, "-m", "mesh", "run", ref, "--instance-id", instance_id, *child_args]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     child: asyncio.subprocess.Process | None = None
-    try:
-        say(f"watching {folder} for changes to {ref}")
-        child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
-                                                     start_new_session=True, preexec_fn=child_preexec)
-        async for changes in watchfiles.awatch(folder, watch_filter=_source_filter, stop_event=stop):
-            changed = ", ".join(sorted({Path(p).name for _, p in changes}))
-            await _stop(child)
+    with stop_on_signals() as stop:
+        try:
+            say(f"watching {folder} for changes to {ref}")
             child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
                                                          start_new_session=True, preexec_fn=child_preexec)
-            say(f"reloaded {ref} as {instance_id} (changed: {changed})")
-        return await _stop(child)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        if child is not None:
-            await _stop(child)
+            async for changes in watchfiles.awatch(folder, watch_filter=_source_filter, stop_event=stop):
+                changed = ", ".join(sorted({Path(p).name for _, p in changes}))
+                await _stop(child)
+                child = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                             start_new_session=True, preexec_fn=child_preexec)
+                say(f"reloaded {ref} as {instance_id} (changed: {changed})")
+            return await _stop(child)
+        finally:
+            if child is not None:
+                await _stop(child)
 
 
 async def _stop(child: asyncio.subprocess.Process, timeout: float = 20.0) -> int:

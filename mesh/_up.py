@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 import tomllib
@@ -24,6 +23,7 @@ from ._connect import close, connect
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
 from ._registry import RegistryService
+from ._service import stop_on_signals
 
 __all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]
 
@@ -160,13 +160,6 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
 
 async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                 say: Callable[[str], None]) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals() as stop:
         return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
                             say=say, stop=stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)

@@ -5,7 +5,6 @@ User errors print one line on stderr (``error: <what>``) and exit 1; no tracebac
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +44,7 @@ from ._cli_common import (
     state_app,
 )
 from ._connect import close, connect, default_url
+from ._service import stop_on_signals
 
 # --------------------------------------------------------------------------------------------
 # Running things
@@ -139,19 +139,14 @@ def registry(
     _setup_logging()
 
     async def main() -> int:
-        import signal
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
-        try:
-            async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
-                                       expire_after=expire_after):
-                await stop.wait()
-        finally:
-            await close(nc)
+        with stop_on_signals() as stop:
+            nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
+            try:
+                async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
+                                           expire_after=expire_after):
+                    await stop.wait()
+            finally:
+                await close(nc)
         return 0
 
     raise typer.Exit(_run(main()))

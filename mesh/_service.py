@@ -1,0 +1,65 @@
+"""What every long-running mesh process shares: stopping on signals, answering JSON requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError
+from plugin_sdk._wire import error_reply, loads, success_reply
+
+__all__ = ["json_handler", "stop_on_signals"]
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event]:
+    """SIGINT and SIGTERM set ``stop`` (a new event unless given) while the block runs."""
+    event = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
+    try:
+        yield event
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitable[Any]], *, instance: str,
+                 log: logging.Logger) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription callback: JSON request in, ``fn``'s result out, every failure as a typed error.
+
+    ``service`` names the answerer in errors (``ErrorInfo.plugin``); ``instance`` goes in the reply
+    envelope's ``inst``.
+    """
+
+    async def handler(msg: Msg) -> None:
+        try:
+            result = await fn(loads(msg.data, what=f"{service} {verb} request"))
+            body, headers = success_reply(result, instance=instance)
+        except Exception as exc:  # every failure becomes the caller's typed error (never a silent timeout)
+            err: BaseException = exc
+            if isinstance(exc, ValidationError):
+                first = exc.errors()[0]
+                err = InvalidMessage(f"{service} {verb}: {'.'.join(map(str, first['loc']))}: {first['msg']}")
+            elif isinstance(exc, ValueError):
+                err = ConfigError(str(exc))
+            if isinstance(err, PluginError | nats.errors.Error):
+                log.info("%s %s refused: %s: %s", service, verb, type(err).__name__, err)
+            else:
+                log.exception("%s %s failed", service, verb)
+            body, headers = error_reply(ErrorInfo.from_exception(err, plugin=service), message_id="", instance=instance)
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.publish(msg.reply, body, headers=headers)
+
+    return handler
