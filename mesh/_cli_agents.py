@@ -54,7 +54,9 @@ def agent(
                                                              "(default: the file's, else 2).")] = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
+    from . import __version__
     from ._agent import Agent
+    from ._telemetry import setup_tracing
     from ._up import MeshFile, load_mesh_file, plan, start_in_order, stop_in_reverse
 
     _setup_logging()
@@ -71,6 +73,7 @@ def agent(
         base = (file.parent if file else Path.cwd()).resolve()
         levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
         url = nats_url or default_url()
+        flush_traces = setup_tracing("mesh-agent", version=__version__, instance_id=name or "")  # with OTEL_* set
         nc = await connect(url, name="mesh agent", wait=10)
         try:
             # Precedence, as in `mesh up`: option, then environment, then the file, then the default.
@@ -85,6 +88,8 @@ def agent(
                 await stop_in_reverse(ag, started)
         finally:
             await close(nc)
+            if flush_traces is not None:
+                await asyncio.to_thread(flush_traces)
         return 0
 
     raise typer.Exit(_run(main()))

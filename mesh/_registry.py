@@ -92,7 +92,8 @@ class RegistryService:
         for verb, fn in handlers.items():
             self._subs.append(await self.nc.subscribe(self.subjects.registry(verb), queue=QUEUE,
                                                       cb=json_handler(self.nc, "registry", verb, fn,
-                                                                      instance="registry", log=log)))
+                                                                      instance="registry", log=log, group=QUEUE)))
+        # Heartbeats are not traced (they carry no traceparent): see PluginRegistry.heartbeat.
         self._subs.append(await self.nc.subscribe(self.subjects.registry("heartbeat"), queue=QUEUE,
                                                   cb=self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._sweep(), name="registry sweeper"))

@@ -12,9 +12,10 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError
+from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError, _tracing
 from plugin_sdk._wire import error_reply, loads, success_reply
 
 __all__ = ["json_handler", "stop_on_signals"]
@@ -35,17 +36,19 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event
 
 
 def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitable[Any]], *, instance: str,
-                 log: logging.Logger) -> Callable[[Msg], Awaitable[None]]:
+                 log: logging.Logger, group: str | None = None) -> Callable[[Msg], Awaitable[None]]:
     """A subscription callback: JSON request in, ``fn``'s result out, every failure as a typed error.
 
     ``service`` names the answerer in errors (``ErrorInfo.plugin``); ``instance`` goes in the reply
-    envelope's ``inst``.
+    envelope's ``inst``. With tracing on, each request runs under a CONSUMER span
+    (``process <subject>``), the child of the caller's ``traceparent``; ``group`` is the queue
+    group it is served through (``messaging.consumer.group.name``).
     """
 
-    async def handler(msg: Msg) -> None:
+    async def answer(msg: Msg, span: Span | None) -> tuple[bytes, dict[str, str] | None]:
         try:
             result = await fn(loads(msg.data, what=f"{service} {verb} request"))
-            body, headers = success_reply(result, instance=instance)
+            return success_reply(result, instance=instance)
         except Exception as exc:  # every failure becomes the caller's typed error (never a silent timeout)
             err: BaseException = exc
             if isinstance(exc, ValidationError):
@@ -57,7 +60,16 @@ def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitabl
                 log.info("%s %s refused: %s: %s", service, verb, type(err).__name__, err)
             else:
                 log.exception("%s %s failed", service, verb)
-            body, headers = error_reply(ErrorInfo.from_exception(err, plugin=service), message_id="", instance=instance)
+            _tracing.failed(span, err)
+            return error_reply(ErrorInfo.from_exception(err, plugin=service), message_id="", instance=instance)
+
+    async def handler(msg: Msg) -> None:
+        if not _tracing.enabled():  # the fast path: no span
+            body, headers = await answer(msg, None)
+        else:
+            with _tracing.consume(msg.subject, msg.headers,
+                                  attributes={"messaging.consumer.group.name": group}) as span:
+                body, headers = await answer(msg, span)
         if msg.reply:
             with contextlib.suppress(nats.errors.Error):
                 await nc.publish(msg.reply, body, headers=headers)

@@ -5,6 +5,7 @@ User errors print one line on stderr (``error: <what>``) and exit 1; no tracebac
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any
@@ -43,6 +44,7 @@ from ._cli_common import (
     out,
     state_app,
 )
+from ._cli_trace import root_span, show_trace, trace_cmd
 from ._connect import close, connect, default_url
 from ._service import stop_on_signals
 
@@ -134,11 +136,14 @@ def registry(
     expire_after: Annotated[float, typer.Option(help="Seconds of silence before an instance is forgotten.")] = 60,
 ) -> None:
     """Run a registry replica (any number may run; all data lives in JetStream KV)."""
+    from . import __version__
     from ._registry import RegistryService
+    from ._telemetry import setup_tracing
 
     _setup_logging()
 
     async def main() -> int:
+        flush_traces = setup_tracing("mesh-registry", version=__version__)  # with OTEL_* set
         with stop_on_signals() as stop:
             nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
             try:
@@ -147,6 +152,8 @@ def registry(
                     await stop.wait()
             finally:
                 await close(nc)
+                if flush_traces is not None:
+                    await asyncio.to_thread(flush_traces)
         return 0
 
     raise typer.Exit(_run(main()))
@@ -234,6 +241,11 @@ def send(
     timeout: TimeoutOpt = 5.0,
     nats_url: NatsOpt = None,
     prefix: PrefixOpt = None,
+    trace_: Annotated[bool, typer.Option("--trace", help="Send under a new trace; print its id on stderr (and "
+                                         "its tree, with --jaeger).")] = False,
+    jaeger: Annotated[str | None, typer.Option("--jaeger", envvar="MESH_JAEGER_URL", show_default=False,
+                                               help="With --trace: Jaeger query URL to print the tree from "
+                                               "(env MESH_JAEGER_URL).")] = None,
 ) -> None:
     """Send a message to a plugin and print its result as JSON."""
     body = _payload(payload)
@@ -244,7 +256,12 @@ def send(
         return (await messaging.send_message(target, body, timeout=timeout, operation=op, kind=kind,
                                              version=version)).result
 
-    _print_json(_run(_with_nc(nats_url, main)))
+    if not trace_:
+        _print_json(_run(_with_nc(nats_url, main)))
+        return
+    with root_span(f"mesh send {target}") as trace_id:
+        _print_json(_run(_with_nc(nats_url, main)))
+    show_trace(jaeger, trace_id)
 
 
 @app.command()
@@ -397,6 +414,8 @@ def state_keys(plugin: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) 
 
     _print_json(_run(_with_nc(nats_url, main)))
 
+
+app.command("trace")(trace_cmd)
 
 # The agent commands live in their own module; importing it registers them on ``app``.
 from . import _cli_agents  # noqa: E402, F401

@@ -7,6 +7,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, TypeAdapter
 
+from . import _tracing
 from ._errors import PluginNotFound
 from ._message import PluginInfo
 from ._wire import Subjects, dumps, request, response_from_msg
@@ -34,7 +35,8 @@ class PluginRegistry:
 
     Every call is a NATS request to ``<prefix>.registry.<verb>``, answered by any registry
     replica; failures raise typed errors (``PluginNotFound`` when no registry runs,
-    ``RequestTimeout``).
+    ``RequestTimeout``). With tracing on, each call but the heartbeat is a PRODUCER span
+    (``send <prefix>.registry.<verb>``) whose ``traceparent`` the registry continues.
     """
 
     def __init__(self, nc: NATS, *, prefix: str = "mesh", timeout: float = 2.0) -> None:
@@ -44,8 +46,14 @@ class PluginRegistry:
 
     async def _call(self, verb: str, body: Any, *, timeout: float | None = None) -> Any:
         subject = self._subjects.registry(verb)
+        if not _tracing.enabled():  # the fast path: no span, no context to carry
+            return await self._request(subject, body, timeout, None)
+        with _tracing.produce(subject, attributes={"mesh.registry.verb": verb}) as carrier:
+            return await self._request(subject, body, timeout, carrier)
+
+    async def _request(self, subject: str, body: Any, timeout: float | None, headers: dict[str, str] | None) -> Any:
         try:
-            msg = await request(self._nc, subject, dumps(body), headers=None, timeout=timeout or self._timeout,
+            msg = await request(self._nc, subject, dumps(body), headers=headers, timeout=timeout or self._timeout,
                                 plugin="registry")
         except PluginNotFound:
             raise PluginNotFound(f"no registry is running for mesh {self._subjects.prefix!r} (nothing serves "
@@ -83,5 +91,9 @@ class PluginRegistry:
         return _VERSIONS.validate_python(await self._call("versions", {"name": name}))
 
     async def heartbeat(self, info: PluginInfo) -> None:
-        """Tell the registry this instance is alive (fire-and-forget publish)."""
+        """Tell the registry this instance is alive (fire-and-forget publish).
+
+        Not traced, on purpose: every instance beats every 2 s, so one span per beat would bury
+        the traces that matter in Jaeger under thousands of one-span traces an hour.
+        """
         await self._nc.publish(self._subjects.registry("heartbeat"), dumps(info.model_dump(mode="json")))
