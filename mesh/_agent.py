@@ -235,7 +235,7 @@ class Agent:
                 raise InitializationError(f"{instance_id} failed: {p.last_error}", plugin=p.name)
             with contextlib.suppress(CommunicationError):
                 info = await self.registry.get_plugin(instance_id)
-                if info is not None and info.health == Health.HEALTHY:
+                if info is not None and info.health.serving:
                     return info
             if time.monotonic() > deadline:
                 tail = " | ".join(p.log_tail) if p else ""

@@ -182,7 +182,7 @@ def load(
                 while pending:
                     for ident in list(pending):
                         info = await registry.get_plugin(ident)
-                        if info is not None and info.health == Health.HEALTHY:
+                        if info is not None and info.health.serving:
                             pending.discard(ident)
                         elif info is not None and info.health == Health.FAILED:
                             raise UserError(f"{ident} failed: {info.last_error}")

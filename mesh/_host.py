@@ -19,7 +19,7 @@ from plugin_sdk import InitializationError, Plugin, PluginConfig, PluginRuntime,
 
 from ._connect import close, connect
 from ._service import stop_on_signals
-from ._telemetry import setup_tracing
+from ._telemetry import setup_metrics, setup_tracing
 
 __all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin_class", "resolve_config", "run_plugin"]
 
@@ -102,11 +102,12 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
     config = resolve_config(cls, config_path)
     plugin = cls()
     nc = await connect(nats_url, name=f"plugin {config.name}", wait=connect_wait)
-    flush_traces = None
+    flush_traces = flush_metrics = None
     try:
         runtime = PluginRuntime(plugin, nc, config=config, prefix=prefix, heartbeat_interval=heartbeat_interval,
                                 instance_id=instance_id, supervision=supervision_from_env())
         flush_traces = setup_tracing(config.name, version=config.version, instance_id=runtime.instance_id)
+        flush_metrics = setup_metrics(config.name, version=config.version, instance_id=runtime.instance_id)
         # A signal and a control "stop" (or a restart the plugin asks for) set the same event.
         with stop_on_signals(runtime.stop_requested):
             await runtime.start()
@@ -122,5 +123,6 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
         return 0 if ok else 1
     finally:
         await close(nc)
-        if flush_traces is not None:
-            await asyncio.to_thread(flush_traces)  # the spans still queued go out before we exit
+        for flush in (flush_traces, flush_metrics):
+            if flush is not None:
+                await asyncio.to_thread(flush)  # the spans and metrics still queued go out before we exit

@@ -2,9 +2,10 @@
 
 Stateless by design: every replica keeps a read cache fed by a KV watcher, writes go to the
 bucket, and requests arrive through the queue group ``registry``, so any number of replicas can
-run and a restart loses nothing. Health is computed when read, from the time of the last
-heartbeat: an instance that missed ``missed_beats`` beats is ``unhealthy``; one silent for
-``expire_after`` seconds is forgotten.
+run and a restart loses nothing. Health combines what each instance says of itself (its
+``health_check``: healthy, degraded or unhealthy, with a reason, sent with every heartbeat) with
+the time of its last heartbeat, computed when read: an instance that missed ``missed_beats`` beats
+is ``unhealthy`` whatever it said; one silent for ``expire_after`` seconds is forgotten.
 
 Bucket ``<prefix>_registry``:
   ``instances.<instance-id>`` → PluginInfo JSON (``last_seen`` = registry clock at the last beat)
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 
 from plugin_sdk import Health, InvalidMessage, PluginInfo, VersionRecord
 from plugin_sdk._config import check_range, version_matches
-from plugin_sdk._message import new_id
+from plugin_sdk._message import SERVING, new_id
 from plugin_sdk._state import open_bucket
 from plugin_sdk._wire import (
     H_ENVELOPE,
@@ -138,12 +139,17 @@ class RegistryService:
                     await watcher.stop()  # type: ignore[no-untyped-call]
             log.info("registry watcher restarted after a reconnect")
 
+    def _late(self, info: PluginInfo, now: float) -> bool:
+        return now - info.last_seen > self.missed_beats * info.heartbeat_interval + 0.5
+
     def _current(self, info: PluginInfo, now: float) -> PluginInfo:
-        if info.health in (Health.STOPPING, Health.STARTING, Health.FAILED):
+        """``info`` with its health as of ``now``: as reported while it beats on time, else unhealthy."""
+        if info.health in (Health.STOPPING, Health.STARTING, Health.FAILED) or not self._late(info, now):
             return info
-        limit = self.missed_beats * info.heartbeat_interval + 0.5
-        health = Health.HEALTHY if now - info.last_seen <= limit else Health.UNHEALTHY
-        return info if health == info.health else info.model_copy(update={"health": health})
+        reason = f"no heartbeat for {now - info.last_seen:.1f}s"
+        if info.health == Health.UNHEALTHY and info.health_reason.startswith("no heartbeat"):
+            return info.model_copy(update={"health_reason": reason})
+        return info.model_copy(update={"health": Health.UNHEALTHY, "health_reason": reason})
 
     # -- writes ------------------------------------------------------------------------
 
@@ -248,7 +254,7 @@ class RegistryService:
                       if i.name == key and (not spec or version_matches(i.version, spec))]
         if not candidates:
             return None
-        best = max(candidates, key=lambda i: (i.health == Health.HEALTHY, i.started_at))
+        best = max(candidates, key=lambda i: (i.health == Health.HEALTHY, i.health in SERVING, i.started_at))
         return best.model_dump(mode="json")
 
     async def _list(self, body: Any) -> list[Any]:
@@ -262,7 +268,7 @@ class RegistryService:
             if (name and info.name != name) or (spec and not version_matches(info.version, spec)):
                 continue
             info = self._current(info, now)
-            if healthy_only and info.health != Health.HEALTHY:
+            if healthy_only and info.health not in SERVING:  # a degraded instance still serves
                 continue
             out.append(info.model_dump(mode="json"))
         return out
@@ -288,7 +294,7 @@ class RegistryService:
                     log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
             now = time.time()
             for ident, (info, rev) in list(self._cache.instances.items()):
-                if info.health == Health.HEALTHY and self._current(info, now).health == Health.UNHEALTHY:
+                if info.health in SERVING and self._late(info, now):
                     await self._mark_unhealthy(info, rev)
                 if now - info.last_seen > self.expire_after and info.health != Health.FAILED:
                     # (a failed instance stays listed, with its reason, until its agent unloads it)
@@ -306,7 +312,8 @@ class RegistryService:
     async def _mark_unhealthy(self, info: PluginInfo, rev: int) -> None:
         """Store the transition once (compare-and-set: one replica wins) and announce it."""
         assert self._kv is not None
-        changed = info.model_copy(update={"health": Health.UNHEALTHY})
+        changed = info.model_copy(update={"health": Health.UNHEALTHY,
+                                          "health_reason": f"no heartbeat for {time.time() - info.last_seen:.1f}s"})
         try:
             new_rev = await self._kv.update(f"instances.{info.id}", dumps(changed.model_dump(mode="json")), last=rev)
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -321,7 +328,7 @@ class RegistryService:
     async def _announce(self, info: PluginInfo, *, previous: str, gone: bool = False) -> None:
         """Publish event ``mesh.health.<name>`` so dependants learn of the change (at most once)."""
         payload = {"id": info.id, "name": info.name, "version": info.version, "health": info.health.value,
-                   "previous": previous, "gone": gone, "last_error": info.last_error}
+                   "reason": info.health_reason, "previous": previous, "gone": gone, "last_error": info.last_error}
         headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()};src=registry"}
         try:
             await self.nc.publish(self.subjects.event(f"mesh.health.{info.name}"), dumps(payload), headers=headers)

@@ -24,7 +24,7 @@ from ._errors import (
     StateError,
     UnknownOperation,
 )
-from ._message import BroadcastResult, ErrorInfo, Health, Message, MessageKind, PluginInfo, Response
+from ._message import BroadcastResult, ErrorInfo, Health, HealthCheck, Message, MessageKind, PluginInfo, Response
 from ._messaging import EventSubscription, PluginMessaging
 from ._plugin import Plugin, PluginState, command, on_event, query
 from ._registry import PluginRegistry, VersionRecord
@@ -46,6 +46,7 @@ __all__ = [
     "EventSubscription",
     "HandlerError",
     "Health",
+    "HealthCheck",
     "InitializationError",
     "InvalidMessage",
     "Message",

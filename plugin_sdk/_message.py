@@ -21,6 +21,7 @@ __all__ = [
     "BroadcastResult",
     "ErrorInfo",
     "Health",
+    "HealthCheck",
     "Message",
     "MessageKind",
     "PluginInfo",
@@ -129,11 +130,40 @@ class Response(BaseModel):
 
 
 class Health(enum.StrEnum):
-    HEALTHY = "healthy"  # heartbeats arrive on time
-    UNHEALTHY = "unhealthy"  # heartbeats missed; the process may be dead or stuck
+    HEALTHY = "healthy"  # heartbeats arrive on time and the plugin's health check passes
+    DEGRADED = "degraded"  # serving, but its health check reports a problem (see the reason)
+    UNHEALTHY = "unhealthy"  # heartbeats missed (dead or stuck), or its health check says so
     STARTING = "starting"  # registered, not yet serving
     STOPPING = "stopping"  # draining before a clean exit
     FAILED = "failed"  # crashed more often than its agent's restart limit allows; not restarted
+
+    @property
+    def serving(self) -> bool:
+        """Whether an instance in this state takes messages: healthy or degraded."""
+        return self in SERVING
+
+
+class HealthCheck(BaseModel):
+    """What :meth:`Plugin.health_check` returns: a status and, unless healthy, why."""
+
+    status: Health = Health.HEALTHY
+    reason: str = ""
+
+    @classmethod
+    def healthy(cls) -> HealthCheck:
+        return cls()
+
+    @classmethod
+    def degraded(cls, reason: str) -> HealthCheck:
+        return cls(status=Health.DEGRADED, reason=reason)
+
+    @classmethod
+    def unhealthy(cls, reason: str) -> HealthCheck:
+        return cls(status=Health.UNHEALTHY, reason=reason)
+
+
+#: The states in which an instance serves messages (a degraded one still does).
+SERVING = frozenset({Health.HEALTHY, Health.DEGRADED})
 
 
 class PluginInfo(BaseModel):
@@ -148,6 +178,8 @@ class PluginInfo(BaseModel):
     capabilities: list[str] = Field(default_factory=list)
     dependencies: list[Dependency] = Field(default_factory=list)
     health: Health = Health.HEALTHY
+    #: Why the instance is not healthy: its health check's reason, or the registry's (missed beats).
+    health_reason: str = ""
     host: str = ""
     pid: int = 0
     protocol: str = "1"

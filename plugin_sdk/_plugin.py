@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ._config import Dependency, PluginConfig
 from ._errors import ConfigError, UnknownOperation
-from ._message import Message, MessageKind
+from ._message import HealthCheck, Message, MessageKind
 
 if TYPE_CHECKING:
     from ._context import PluginContext
@@ -159,6 +159,15 @@ class Plugin:
         ``healthy`` again, ``failed``, or gone: ``event.payload["gone"]``). The plugin keeps
         running; this is the place to degrade gracefully. ``event.payload`` has ``id``, ``name``,
         ``version``, ``health``, ``previous``, ``gone`` and ``last_error``."""
+
+    async def health_check(self) -> HealthCheck:
+        """Say how this instance is: :meth:`HealthCheck.healthy`, ``.degraded(reason)`` or
+        ``.unhealthy(reason)``. Called before every heartbeat (and for ``mesh.control.<id>.health``),
+        with a timeout; raising or timing out counts as unhealthy with the error as the reason. The
+        registry combines it with heartbeats: an instance whose beats stop is unhealthy whatever it
+        said. A degraded instance still serves; an unhealthy one is left out of ``healthy_only``
+        listings (dependency waits). The default: healthy while running."""
+        return HealthCheck()
 
     async def handle_message(self, message: Message) -> Any:
         """Answer one direct or broadcast message.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from . import _tracing
+from . import _otel_metrics, _tracing
 from ._config import Dependency, PluginConfig
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
 from ._errors import (
@@ -41,13 +42,16 @@ from ._errors import (
     ProtocolMismatch,
     RequestTimeout,
 )
-from ._message import ErrorInfo, Health, Message, MessageKind, PluginInfo, Response
+from ._message import SERVING, ErrorInfo, Health, HealthCheck, Message, MessageKind, PluginInfo, Response
 from ._messaging import PluginMessaging
+from ._metrics import EndpointStats, ResourceSampler, RuntimeStats
+from ._micro import subscribe_micro
 from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
 from ._state import StateStore, open_bucket
 from ._wire import (
     E_INSTANCE,
+    E_KIND,
     E_TIMEOUT,
     PROTOCOL_VERSION,
     Subjects,
@@ -93,6 +97,9 @@ class PluginRuntime:
         self.register = register
         self.log = logger or logging.getLogger(f"mesh.plugin.{self.config.name}")
         self.metrics = PluginMetrics()
+        #: What the runtime measures: messages, errors and latency by kind and endpoint.
+        self.stats = RuntimeStats()
+        self.resources = ResourceSampler()
         self.registry = PluginRegistry(nc, prefix=prefix)
         self.messaging = PluginMessaging(nc, prefix=prefix, source=self.config.name,
                                          source_instance=self.instance_id, permissions=self.config.permissions,
@@ -103,6 +110,12 @@ class PluginRuntime:
         self.stop_requested = asyncio.Event()
         self.restart_requested = False
         self._health = Health.STARTING
+        self._health_reason = ""
+        #: When the instance first served (seconds since the epoch), and how long it took to get there.
+        self.healthy_at: float | None = None
+        self._start_called = 0.0
+        self._instruments: _otel_metrics.MeshInstruments | None = None  # when OTel metrics are on
+        self._refresher: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
         self._expired: set[asyncio.Task[None]] = set()  # cancelled by the watchdog
@@ -119,7 +132,8 @@ class PluginRuntime:
         c = self.config
         return PluginInfo(id=self.instance_id, name=c.name, version=c.version, description=c.description,
                           capabilities=list(c.capabilities), dependencies=list(c.dependencies),
-                          health=self._health, host=socket.gethostname(), pid=os.getpid(),
+                          health=self._health, health_reason=self._health_reason, host=socket.gethostname(),
+                          pid=os.getpid(),
                           protocol=PROTOCOL_VERSION, started_at=self.started_at,
                           heartbeat_interval=self.heartbeat_interval, **self.supervision)
 
@@ -138,6 +152,7 @@ class PluginRuntime:
         if self._started:
             return
         self._started = True
+        self._start_called = time.time()
         name = self.config.name
         try:
             kv = await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(name), create=True,
@@ -157,12 +172,19 @@ class PluginRuntime:
             await self._subscribe()
             self.plugin.state = PluginState.RUNNING
             self._health = Health.HEALTHY
+            self.healthy_at = time.time()
+            if _otel_metrics.enabled():
+                self._instruments = _otel_metrics.MeshInstruments(self.metrics_snapshot)
+                self._instruments.refresh()
+                self._refresher = asyncio.create_task(self._refresh_instruments(self._instruments),
+                                                      name=f"metrics {self.instance_id}")
         except BaseException:
             self.plugin.state = PluginState.FAILED
             await self._teardown_after_failure()
             raise
         if not self.register:
             return
+        await self.check_health()
         try:
             await self.registry.register_plugin(self.info())
         except CommunicationError as exc:
@@ -290,10 +312,11 @@ class PluginRuntime:
         self._stopped = True
         self._health = Health.STOPPING
         self.plugin.state = PluginState.STOPPING
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.register:
             with contextlib.suppress(CommunicationError, nats.errors.Error):
                 await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
@@ -333,33 +356,40 @@ class PluginRuntime:
 
     async def _subscribe(self) -> None:
         s, name = self.subjects, self.config.name
-        self._subs.append(await self.nc.subscribe(s.plugin(name), queue=name, cb=self._on_request))
-        self._subs.append(await self.nc.subscribe(s.instance(name, self.instance_id), cb=self._on_request))
-        self._subs.append(await self.nc.subscribe(s.broadcast, cb=self._on_broadcast))
-        self._subs.append(await self.nc.subscribe(s.broadcast_to(name), cb=self._on_broadcast))
+        # One endpoint (NATS micro's word) per subscription that answers: counted separately.
+        for ep_name, subject, queue, cb in (
+                ("plugin", s.plugin(name), name, self._on_request),
+                ("instance", s.instance(name, self.instance_id), None, self._on_request),
+                ("broadcast", s.broadcast, None, self._on_broadcast),
+                ("broadcast_to", s.broadcast_to(name), None, self._on_broadcast)):
+            ep = self.stats.endpoint(ep_name, subject, queue)
+            self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=functools.partial(cb, ep)))
         self._subs.append(await self.nc.subscribe(s.control(self.instance_id, "*"), cb=self._on_control))
         await self._watch_dependencies()
         for attr, pattern in self.plugin._event_handlers.items():
             self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
-            self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler)))
+            ep = self.stats.endpoint(f"event_{attr}", s.event(pattern))
+            self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler, ep)))
+        # NATS micro (ADR-32) discovery: $SRV.PING/INFO/STATS, last so INFO lists every endpoint.
+        self._subs += await subscribe_micro(self)
         await self.nc.flush()  # the server has every subscription before we call ourselves serving
 
-    async def _on_request(self, msg: Msg) -> None:
-        await self._dispatch(msg, parse_envelope(msg.headers), broadcast=False)
+    async def _on_request(self, ep: EndpointStats, msg: Msg) -> None:
+        await self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
 
-    async def _on_broadcast(self, msg: Msg) -> None:
+    async def _on_broadcast(self, ep: EndpointStats, msg: Msg) -> None:
         env = parse_envelope(msg.headers)
         if env.get(E_INSTANCE) == self.instance_id:
             return  # our own broadcast
-        await self._dispatch(msg, env, broadcast=True)
+        await self._dispatch(msg, env, ep, broadcast=True)
 
-    async def _dispatch(self, msg: Msg, env: dict[str, str], *, broadcast: bool) -> None:
+    async def _dispatch(self, msg: Msg, env: dict[str, str], ep: EndpointStats, *, broadcast: bool) -> None:
         # nats-py runs one subscription's callbacks one at a time: hand each message to its own
         # task, bounded by max_concurrency (waiting here is the backpressure).
         await self._sem.acquire()
         timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
-        task = _start_task(self._handle(msg, env, broadcast, timeout))
+        task = _start_task(self._handle(msg, env, ep, broadcast, timeout))
         self._inflight[task] = asyncio.get_running_loop().time() + timeout
         task.add_done_callback(self._done)
         if self._watchdog is None:
@@ -380,9 +410,14 @@ class PluginRuntime:
                     self._expired.add(task)
                     task.cancel()
 
-    async def _handle(self, msg: Msg, env: dict[str, str], broadcast: bool, timeout: float) -> None:
+    async def _handle(self, msg: Msg, env: dict[str, str], ep: EndpointStats, broadcast: bool,
+                      timeout: float) -> None:
         started = time.perf_counter()
         message_id = ""
+        kind = "broadcast" if broadcast else env.get(E_KIND, "command")
+        if kind not in _KINDS:
+            kind = "command"  # an unknown kind is refused below; it must not grow the stats
+        failure: str | None = None
         reply_headers: dict[str, str] | None
         try:
             proto = env.get("v", PROTOCOL_VERSION)
@@ -405,18 +440,20 @@ class PluginRuntime:
             if isinstance(result, Response):
                 if result.error is not None:
                     body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
-                    self.metrics.increment("errors")
+                    failure = f"{result.error.type}: {result.error.message}"
                 else:
                     body, reply_headers = self._success(result.result, broadcast)
             else:
                 body, reply_headers = self._success(result, broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
-            self.metrics.increment("errors")
             self._log_failure(exc, msg)
-            body, reply_headers = error_reply(ErrorInfo.from_exception(exc, plugin=self.config.name),
-                                              message_id=message_id, instance=self.instance_id)
-        self.metrics.increment("messages")
-        self.metrics.increment("handler_seconds", time.perf_counter() - started)
+            info = ErrorInfo.from_exception(exc, plugin=self.config.name)
+            failure = f"{info.type}: {info.message}"
+            body, reply_headers = error_reply(info, message_id=message_id, instance=self.instance_id)
+        elapsed = time.perf_counter() - started
+        self.stats.record(ep, kind, elapsed, failure)
+        if self._instruments is not None:
+            self._instruments.record(kind, elapsed)
         if msg.reply:
             try:
                 await self.nc.publish(msg.reply, body, headers=reply_headers)
@@ -457,9 +494,10 @@ class PluginRuntime:
         verb = msg.subject.rsplit(".", 1)[-1]
         result: Any
         if verb == "health":
+            await self.check_health()
             result = self.info().model_dump(mode="json")
         elif verb == "metrics":
-            result = {"instance": self.instance_id, "inflight": len(self._inflight), **self.metrics.snapshot()}
+            result = self.metrics_snapshot()
         elif verb == "stop":
             self.stop_requested.set()
             result = {"stopping": self.instance_id}
@@ -472,8 +510,10 @@ class PluginRuntime:
         if msg.reply:
             await self.nc.publish(msg.reply, dumps(result))
 
-    def _event_callback(self, handler: Callable[[Message], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
+    def _event_callback(self, handler: Callable[[Message], Awaitable[Any]],
+                        ep: EndpointStats) -> Callable[[Msg], Awaitable[None]]:
         async def on_event(msg: Msg) -> None:
+            started = time.perf_counter()
             try:
                 event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
                 if _tracing.enabled():
@@ -482,21 +522,67 @@ class PluginRuntime:
                         await handler(event)
                 else:
                     await handler(event)
-                self.metrics.increment("events")
+                self.stats.record(ep, "event", time.perf_counter() - started, None)
             except Exception as exc:  # one bad event must not stop the subscription: handled by policy
-                self.metrics.increment("event_errors")
+                self.stats.record(ep, "event", time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
                 await self.handle_plugin_error(exc, where=f"event handler {handler.__name__} on {msg.subject}")
 
         return on_event
 
+    async def check_health(self) -> HealthCheck:
+        """Run the plugin's health check (bounded in time) and take its verdict, while serving."""
+        if self._health not in SERVING and self._health != Health.UNHEALTHY:
+            return HealthCheck(status=self._health, reason=self._health_reason)  # starting, stopping
+        limit = min(5.0, max(1.0, self.heartbeat_interval))
+        try:
+            async with asyncio.timeout(limit):
+                check = await self.plugin.health_check()
+            if not isinstance(check, HealthCheck):
+                raise TypeError(f"health_check() returned {type(check).__name__}, not HealthCheck")
+            if check.status not in (Health.HEALTHY, Health.DEGRADED, Health.UNHEALTHY):
+                raise ValueError(f"health_check() may say healthy, degraded or unhealthy, not {check.status.value}")
+        except TimeoutError:
+            check = HealthCheck.unhealthy(f"health_check() did not answer within {limit:g}s")
+        except Exception as exc:  # a failing check is an answer: unhealthy, with the error as the reason
+            check = HealthCheck.unhealthy(f"health_check() raised {type(exc).__name__}: {exc}")
+        if (check.status, check.reason) != (self._health, self._health_reason):
+            log = self.log.info if check.status == Health.HEALTHY else self.log.warning
+            log("%s is %s%s", self.instance_id, check.status.value, f": {check.reason}" if check.reason else "")
+        self._health, self._health_reason = check.status, check.reason
+        return check
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What ``<prefix>.control.<instance>.metrics`` answers (see docs/subjects.md)."""
+        c, now = self.config, time.time()
+        healthy_at = self.healthy_at
+        return {
+            "instance": self.instance_id, "name": c.name, "version": c.version, "host": socket.gethostname(),
+            "pid": os.getpid(), "health": self._health.value, "health_reason": self._health_reason,
+            "started_at": self.started_at, "uptime_s": round(now - self.started_at, 3),
+            # process start → serving (what an operator waits for), and start() → serving (the plugin's part)
+            "load_time_s": round(healthy_at - self.resources.created, 3) if healthy_at else None,
+            "start_time_s": round(healthy_at - self._start_called, 3) if healthy_at else None,
+            "restarts": int(self.supervision.get("restarts", 0)), "agent": self.supervision.get("agent", ""),
+            "inflight": len(self._inflight), "max_concurrency": c.max_concurrency,
+            **self.stats.snapshot(), "resources": self.resources.sample(), "custom": self.metrics.snapshot(),
+        }
+
+    async def _refresh_instruments(self, instruments: _otel_metrics.MeshInstruments) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            instruments.refresh()
+
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            await self.check_health()
             try:
                 await self.registry.heartbeat(self.info())
             except nats.errors.Error as exc:  # reconnecting: the next beat will try again
                 self.log.debug("heartbeat not sent: %s", exc)
 
+
+_KINDS = frozenset({"command", "query", "event"})
 
 #: How often the deadline watchdog looks: handler timeouts are precise to about this.
 DEADLINE_TICK = 0.05

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from plugin_sdk import (
+    HealthCheck,
     InitializationError,
     Message,
     Plugin,
@@ -16,6 +17,7 @@ from plugin_sdk import (
     ResourceError,
     command,
     on_event,
+    query,
 )
 
 
@@ -161,3 +163,32 @@ class Archivist(Plugin):
 
     async def handle_message(self, message: Message) -> Any:
         return self.kept
+
+
+class Moody(Plugin):
+    """Reports the health it is told to (the ``feel`` command); ``reason: "raise"`` makes the check raise."""
+
+    name = "moody"
+    version = "1.1.0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mood = HealthCheck()
+
+    @command("feel")
+    async def feel(self, message: Message) -> Any:
+        self.mood = HealthCheck.model_validate(message.payload)
+        return {"feeling": self.mood.status.value}
+
+    @query("ping")
+    async def ping(self, message: Message) -> Any:
+        return "pong"
+
+    @command("fail")
+    async def fail(self, message: Message) -> Any:
+        raise ValueError("bad mood")
+
+    async def health_check(self) -> HealthCheck:
+        if self.mood.reason == "raise":
+            raise RuntimeError("sensor offline")
+        return self.mood

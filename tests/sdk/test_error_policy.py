@@ -33,9 +33,9 @@ async def test_policy(nats_server: NatsServer, prefix: str, messaging: PluginMes
     try:
         async with PluginRuntime(Troubled(), own, prefix=prefix, register=False) as runtime:
             async def handled() -> bool:  # events are at most once: publish until one is handled
-                if runtime.metrics.get("event_errors") == 0:
+                if runtime.stats.errors_of("event") == 0:
                     await messaging.publish_event("trouble.other", {})
-                return runtime.metrics.get("event_errors") >= 1
+                return runtime.stats.errors_of("event") >= 1
 
             await eventually(handled, what="the bad event handled")
             assert "just a bad event" in caplog.text

@@ -68,7 +68,7 @@ async def test_a_raising_event_handler_keeps_its_subscription(nc: NATS, prefix: 
             return plugin.seen == [1, 2]
 
         await eventually(both, timeout=5, what="events after the poison one")
-        assert runtime.metrics.get("event_errors") == 1 and runtime.metrics.get("events") == 2
+        assert runtime.stats.errors_of("event") == 1 and runtime.stats.count("event") == 3
 
 
 async def test_plugins_may_not_forge_mesh_events(nc: NATS, prefix: str) -> None:
