@@ -31,7 +31,8 @@ app = typer.Typer(name="mesh", help="groundhog: a distributed plugin mesh over N
 state_app = typer.Typer(help="Read and write a plugin's persisted state (JetStream KV).", no_args_is_help=True)
 app.add_typer(state_app, name="state")
 
-out = Console(soft_wrap=True)
+# Piped or captured output gets room for whole table rows (a terminal's own width otherwise).
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL (env MESH_NATS_URL; default {DEFAULT_URL}).",

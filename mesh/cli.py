@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from plugin_sdk import (
@@ -171,8 +172,8 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-_HEALTH_STYLE = {Health.HEALTHY: "green", Health.UNHEALTHY: "red", Health.STARTING: "yellow",
-                 Health.STOPPING: "yellow", Health.FAILED: "red"}
+_HEALTH_STYLE = {Health.HEALTHY: "green", Health.DEGRADED: "yellow", Health.UNHEALTHY: "red",
+                 Health.STARTING: "yellow", Health.STOPPING: "yellow", Health.FAILED: "red"}
 
 
 @app.command("ls")
@@ -199,7 +200,8 @@ def ls(
     for i in infos:
         style = _HEALTH_STYLE.get(i.health, "")
         extra = (str(i.restarts), i.last_error) if troubled else ()
-        table.add_row(i.name, i.version, i.id, f"[{style}]{i.health.value}[/{style}]", _age(i.uptime),
+        reason = f" ({escape(i.health_reason)})" if i.health_reason else ""
+        table.add_row(i.name, i.version, i.id, f"[{style}]{i.health.value}[/{style}]{reason}", _age(i.uptime),
                       f"{i.host}:{i.pid}", *extra)
     out.print(table)
 
@@ -417,8 +419,8 @@ def state_keys(plugin: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) 
 
 app.command("trace")(trace_cmd)
 
-# The agent commands live in their own module; importing it registers them on ``app``.
-from . import _cli_agents  # noqa: E402, F401
+# The agent commands and stats/top live in their own modules; importing them registers them on ``app``.
+from . import _cli_agents, _cli_observe  # noqa: E402, F401
 
 
 def main() -> None:
