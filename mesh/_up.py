@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from plugin_sdk import ConfigError
+from plugin_sdk import ConfigError, __version__
 from plugin_sdk._natsd import NatsServer
 from plugin_sdk._runtime import check_protocol
 from plugin_sdk._wire import Subjects
@@ -24,6 +24,7 @@ from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
 from ._registry import RegistryService
 from ._service import stop_on_signals
+from ._telemetry import setup_tracing
 
 __all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]
 
@@ -116,6 +117,8 @@ async def stop_in_reverse(agent: Agent, started: list[list[str]]) -> None:
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
                  say: Callable[[str], None], stop: asyncio.Event) -> int:
     nc = await connect(url, name="mesh up", wait=5)
+    # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
+    flush_traces = setup_tracing("mesh-up", version=__version__)
     try:
         async with RegistryService(nc, prefix=prefix):
             say(f"registry serving {prefix}.registry.*")
@@ -129,6 +132,8 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
                 await stop_in_reverse(agent, started)
     finally:
         await close(nc)
+        if flush_traces is not None:
+            await asyncio.to_thread(flush_traces)
     return 0
 
 
