@@ -3,12 +3,12 @@ it runs exist. (Docker is not needed: the file is read, not run.)"""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mesh import load_plugin_class
 from tests.conftest import ROOT
@@ -18,16 +18,8 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 
 
 def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
-    """The compose file is YAML in its JSON-compatible style: drop whole-line comments, parse JSON;
-    PyYAML, where installed, must read the same document."""
-    text = path.read_text(encoding="utf-8")
-    doc: dict[str, Any] = json.loads("".join(line for line in text.splitlines(keepends=True)
-                                             if not line.lstrip().startswith("#")))
-    try:
-        import yaml  # type: ignore[import-untyped,unused-ignore]
-    except ImportError:
-        return doc
-    assert yaml.safe_load(text) == doc
+    """The compose file as docker compose reads it (YAML, with the ``x-mesh`` anchor merged in)."""
+    doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return doc
 
 
