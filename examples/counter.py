@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugin_sdk import Message, Plugin, PluginContext, StateConflict, command, query
+from plugin_sdk import HealthCheck, Message, Plugin, PluginContext, StateConflict, command, query
 
 
 class Counter(Plugin):
@@ -37,6 +37,15 @@ class Counter(Plugin):
     @query("get")
     async def get(self, message: Message) -> dict[str, Any]:
         return {"total": await self.state_store.get("total", 0)}
+
+    async def health_check(self) -> HealthCheck:
+        """Healthy while its state can be read: without JetStream KV it cannot count.
+
+        If the read raises (JetStream down, a timeout), the runtime reports this instance as
+        unhealthy with the error as the reason; `mesh ls` shows it.
+        """
+        await self.state_store.get("total")
+        return HealthCheck.healthy()
 
     async def handle_message(self, message: Message) -> Any:
         if message.operation is None:  # a bare `mesh send counter` (or a broadcast) reads the total

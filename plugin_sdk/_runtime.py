@@ -545,6 +545,8 @@ class PluginRuntime:
             check = HealthCheck.unhealthy(f"health_check() did not answer within {limit:g}s")
         except Exception as exc:  # a failing check is an answer: unhealthy, with the error as the reason
             check = HealthCheck.unhealthy(f"health_check() raised {type(exc).__name__}: {exc}")
+        if self._health not in SERVING and self._health != Health.UNHEALTHY:
+            return HealthCheck(status=self._health, reason=self._health_reason)  # stop() began meanwhile
         if (check.status, check.reason) != (self._health, self._health_reason):
             log = self.log.info if check.status == Health.HEALTHY else self.log.warning
             log("%s is %s%s", self.instance_id, check.status.value, f": {check.reason}" if check.reason else "")
