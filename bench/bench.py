@@ -22,7 +22,9 @@ pair of (raw, mesh), back to back and in alternating order over several rounds:
 
 Latency samples are pooled over the rounds; throughputs are the median over the rounds. The
 ratio is mesh/raw for every row (> 1 is slower for latency, < 1 is slower for throughput).
-The plugin :class:`EventCounter` below is loaded by ``python -m mesh run bench.bench:EventCounter``.
+The plugin :class:`EventCounter` below is loaded by ``python -m mesh run bench.bench:EventCounter``;
+:class:`TracedEcho` is the responder of ``bench/bench_tracing.py`` (the cost of tracing), which imports
+its building blocks from here.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,32 @@ class EventCounter(Plugin):
         return {"count": self.count, "first": self.first, "last": self.last}
 
 
+class TracedEcho(Plugin):
+    """``examples.echo:Echo`` for the tracing benchmark (``bench/bench_tracing.py``): replies with the
+    payload, and answers operation ``tracing`` with whether and how this process traces."""
+
+    name = "echo"
+    version = "1.0.0"
+    capabilities = ["echo"]
+
+    async def handle_message(self, message: Message) -> Any:
+        if message.operation == "tracing":
+            return tracing_state()
+        return message.payload
+
+
+def tracing_state() -> dict[str, Any]:
+    """Whether this process traces: the SDK's provider class and its span processors."""
+    from opentelemetry import trace
+
+    from plugin_sdk import _tracing
+
+    provider = trace.get_tracer_provider()
+    processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", ())
+    return {"enabled": _tracing.enabled(), "provider": type(provider).__name__,
+            "processors": [type(p).__name__ for p in processors]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The raw nats-py responders (`python bench/bench.py --role raw-echo|raw-counter ...`)
 
@@ -185,16 +213,18 @@ class Children:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         self.env.setdefault("MESH_LOG_LEVEL", "INFO")
 
-    def spawn(self, name: str, args: list[str]) -> None:
+    def spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        """Start ``python args...`` as ``name``; ``env`` adds to (or overrides) :attr:`env` for this child."""
         # Own session: a Ctrl-C in the terminal reaches only this process, which stops the children
         # in order; PR_SET_PDEATHSIG (child_preexec) stops them if this process is killed outright.
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env,
+            self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO,
+                                                env={**self.env, **env} if env else self.env,
                                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True, preexec_fn=child_preexec)
 
-    def mesh_run(self, name: str, ref: str, prefix: str) -> None:
-        self.spawn(name, ["-m", "mesh", "run", ref, "--nats", self.url, "--prefix", prefix])
+    def mesh_run(self, name: str, ref: str, prefix: str, env: Mapping[str, str] | None = None) -> None:
+        self.spawn(name, ["-m", "mesh", "run", ref, "--nats", self.url, "--prefix", prefix], env)
 
     def mesh_registry(self, name: str, prefix: str) -> None:
         self.spawn(name, ["-m", "mesh", "registry", "--nats", self.url, "--prefix", prefix])
