@@ -183,8 +183,8 @@ class PluginMessaging:
         subject = self.subjects.target(target)
         if not _tracing.enabled():  # the hot path: no span, no context to carry
             return await self._send(msg, subject, t, version, raise_on_error, None)
-        with _tracing.produce(subject, attributes={"messaging.message.id": msg.id,
-                                                   "mesh.operation": msg.operation}) as carrier:
+        # Few attributes: each costs ~5 µs to export (the process span carries the message id).
+        with _tracing.produce(subject, attributes={"mesh.operation": msg.operation}) as carrier:
             return await self._send(msg, subject, t, version, raise_on_error, carrier)
 
     async def _send(self, msg: Message, subject: str, timeout: float, version: str | None, raise_on_error: bool,

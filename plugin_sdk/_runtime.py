@@ -433,7 +433,7 @@ class PluginRuntime:
                 group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
                 with _tracing.consume(msg.subject, msg.headers, link=broadcast, attributes={
                         "messaging.consumer.group.name": group, "messaging.message.id": message.id,
-                        "mesh.operation": message.operation, "mesh.source": message.source or None}):
+                        "mesh.operation": message.operation}):
                     result = await self._invoke(message, timeout)
             else:
                 result = await self._invoke(message, timeout)
@@ -517,8 +517,8 @@ class PluginRuntime:
             try:
                 event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
                 if _tracing.enabled():
-                    with _tracing.consume(msg.subject, msg.headers, link=True, attributes={
-                            "messaging.message.id": event.id, "mesh.source": event.source or None}):
+                    with _tracing.consume(msg.subject, msg.headers, link=True,
+                                          attributes={"messaging.message.id": event.id}):
                         await handler(event)
                 else:
                     await handler(event)
