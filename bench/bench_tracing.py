@@ -61,6 +61,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
 import mesh
 from bench import (
@@ -90,12 +91,14 @@ CLIENT_SERVICE = "bench-client"
 ECHO_SERVICE = "echo"
 
 
-def plugin_env(mode: str, endpoint: str) -> dict[str, str]:
-    """The environment that turns the echo plugin's tracing into ``mode``."""
+def plugin_env(mode: str, endpoint: str, sample: float = 1.0) -> dict[str, str]:
+    """The environment that turns the echo plugin's tracing into ``mode`` (sampling a ``sample`` ratio)."""
+    sampler = {} if sample >= 1.0 else {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                        "OTEL_TRACES_SAMPLER_ARG": str(sample)}
     if mode == "noexport":
-        return {"OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider"}
+        return {"OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider", **sampler}
     if mode == "export":
-        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, **sampler}
     return {}
 
 
@@ -171,12 +174,14 @@ def receiver_totals(endpoint: str) -> dict[str, Any]:
 class ClientTracing:
     """One SDK provider for this process; :meth:`use` switches between off, noexport and export."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, sample: float = 1.0) -> None:
         if _tracing.enabled():
             raise SystemExit("a tracer provider is already installed in this process (OTEL_PYTHON_TRACER_PROVIDER?): "
                              "unset the OTEL_* variables")
+        self.sample = sample
+        sampler = ParentBased(TraceIdRatioBased(sample)) if sample < 1.0 else ParentBased(ALWAYS_ON)
         self.provider = TracerProvider(resource=Resource.create({"service.name": CLIENT_SERVICE}),
-                                       shutdown_on_exit=False)
+                                       sampler=sampler, shutdown_on_exit=False)
         self.batch = BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"))
         # The provider's SynchronousMultiSpanProcessor; its tuple of processors is swapped per mode.
         self.processors = self.provider._active_span_processor
@@ -290,7 +295,8 @@ class TracingBench:
                           "--port", self.endpoint.rsplit(":", 1)[1]])
         for mode in MODES:
             ch.mesh_registry(f"registry-{mode}", f"{self.tag}{mode}")
-            ch.mesh_run(f"echo-{mode}", ECHO_REF, f"{self.tag}{mode}", plugin_env(mode, self.endpoint))
+            ch.mesh_run(f"echo-{mode}", ECHO_REF, f"{self.tag}{mode}",
+                            plugin_env(mode, self.endpoint, self.tracing.sample))
         ch.raw("raw-echo", "raw-echo", "--subject", raw_subject)
 
         raw_nc = await nats.connect(self.url, name="bench raw client")
@@ -452,7 +458,7 @@ def print_report(table: list[Row], b: TracingBench, machine: dict[str, Any]) -> 
     print("groundhog tracing cost — " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     c = b.counts
     print(f"rounds {c.rounds}; per round and side: {c.seq} sequential requests, {c.inflight} at {c.concurrency} "
-          "in flight")
+          f"in flight; sampling {b.tracing.sample:g} of the traces")
     print()
     width = max(len(r.measure) for r in table)
     heads = [f"{a}/{z}" for a, z in RATIOS]
@@ -519,6 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("concurrency", "requests in flight for the throughput measure"),
                         ("warmup", "warm-up requests per side")):
         p.add_argument(f"--{name}", type=int, help=help_)
+    p.add_argument("--sample", type=float, default=1.0, metavar="RATIO",
+                   help="trace this ratio of requests (parentbased_traceidratio) in noexport and export; default 1")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server and child logs)")
     p.add_argument("--role", choices=["otlp-receiver"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -549,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         children = Children(tmp / "logs", server.url)
         # Tracing is what this benchmark sets, per child: none inherited from the environment.
         children.env = {k: v for k, v in children.env.items() if not k.startswith("OTEL_")}
-        tracing = ClientTracing(endpoint)
+        tracing = ClientTracing(endpoint, args.sample)
         bench = TracingBench(counts, server.url, children, tracing, endpoint, None)
         try:
             server.start()
