@@ -17,6 +17,7 @@ metrics are pushed every ``OTEL_METRIC_EXPORT_INTERVAL`` ms (default 60000).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -49,20 +50,7 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
     elif exporter_name in ("", "otlp"):
-        protocol = _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-        if protocol == "grpc":
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
-                    OTLPSpanExporter as GrpcExporter,
-                )
-            except ImportError:
-                raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the opentelemetry-exporter-otlp-proto-grpc "
-                                  "package (pip install opentelemetry-exporter-otlp-proto-grpc)") from None
-            exporter = GrpcExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-            exporter = HttpExporter()
+        exporter = _otlp_exporter("traces")
     else:
         raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported here: use otlp, console or none")
     provider = TracerProvider(resource=_resource(service_name, version, instance_id))
@@ -98,7 +86,7 @@ def setup_metrics(service_name: str, *, version: str = "", instance_id: str = ""
     closers: list[Callable[[], None]] = []
     for name in names:
         if name == "otlp":
-            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
+            readers.append(PeriodicExportingMetricReader(_otlp_exporter("metrics")))
         elif name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         elif name == "prometheus":
@@ -119,20 +107,21 @@ def setup_metrics(service_name: str, *, version: str = "", instance_id: str = ""
     return shutdown
 
 
-def _otlp_metric_exporter() -> Any:
-    protocol = _env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[import-not-found,unused-ignore]
-                OTLPMetricExporter as GrpcExporter,
-            )
-        except ImportError:
-            raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the opentelemetry-exporter-otlp-proto-grpc "
-                              "package (pip install 'groundhog-mesh[grpc]')") from None
-        return GrpcExporter()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-    return OTLPMetricExporter()
+def _otlp_exporter(signal: str) -> Any:
+    """The OTLP exporter for ``signal`` (``traces`` or ``metrics``): HTTP/protobuf, or gRPC when
+    ``OTEL_EXPORTER_OTLP[_<SIGNAL>]_PROTOCOL=grpc``. It reads its endpoint and the rest from ``OTEL_*``."""
+    protocol = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    transport = "grpc" if protocol == "grpc" else "http"
+    module, cls = {"traces": ("trace_exporter", "OTLPSpanExporter"),
+                   "metrics": ("metric_exporter", "OTLPMetricExporter")}[signal]
+    try:
+        exporter_module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}")
+    except ImportError:
+        if transport != "grpc":
+            raise  # the HTTP exporter is a dependency of this package: a broken install
+        raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the opentelemetry-exporter-otlp-proto-grpc "
+                          "package (pip install 'groundhog-mesh[grpc]')") from None
+    return getattr(exporter_module, cls)()
 
 
 def _prometheus() -> tuple[Any, Callable[[], None]]:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import NatsServer, RegistryService, close, connect, free_port
-from plugin_sdk import PluginInfo, PluginMessaging, PluginRegistry
+from plugin_sdk import PluginInfo, PluginMessaging, PluginNotFound, PluginRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -146,6 +146,27 @@ class Mesh:
             except TimeoutError:
                 p.proc.kill()
                 await p.proc.wait()
+
+
+async def start_registry(url: str, prefix: str, log: Path, client: PluginRegistry,
+                         env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """A real `mesh registry` process on ``prefix``, once it answers; the caller stops it."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh", "registry", "--nats", url, "--prefix", prefix,
+            env=child_env(**(env or {})), stdout=out, stderr=out)
+
+    async def serving() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"mesh registry exited with {proc.returncode}: see {log}")
+        try:
+            await client.list_plugins()
+            return True
+        except PluginNotFound:  # not subscribed yet
+            return False
+
+    await eventually(serving, timeout=20, what="mesh registry to serve")
+    return proc
 
 
 @pytest.fixture

@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from pathlib import Path
 
 from mesh import NatsServer
-from plugin_sdk import PluginNotFound, PluginRegistry
-from tests.conftest import Mesh, child_env, eventually
-
-
-async def start_registry(url: str, prefix: str, log: Path, client: PluginRegistry) -> asyncio.subprocess.Process:
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh", "registry", "--nats", url, "--prefix", prefix,
-            env=child_env(), stdout=out, stderr=out)
-
-    async def serving() -> bool:
-        if proc.returncode is not None:
-            raise AssertionError(f"mesh registry exited with {proc.returncode}: see {log}")
-        try:
-            await client.list_plugins()
-            return True
-        except PluginNotFound:  # not subscribed yet
-            return False
-
-    await eventually(serving, timeout=20, what="mesh registry to serve")
-    return proc
+from plugin_sdk import PluginRegistry
+from tests.conftest import Mesh, eventually, start_registry
 
 
 async def test_registry_process_restart_loses_nothing(nats_server: NatsServer, prefix: str, tmp_path: Path,

@@ -9,7 +9,6 @@ import itertools
 import json
 import re
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -31,8 +30,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 
 from mesh import NatsServer, free_port
-from plugin_sdk import PluginMessaging, PluginNotFound, PluginRegistry
-from tests.conftest import Mesh, child_env, eventually, mesh_cli
+from plugin_sdk import PluginMessaging, PluginRegistry
+from tests.conftest import Mesh, eventually, mesh_cli, start_registry
 
 
 class Spans:
@@ -220,26 +219,6 @@ async def test_otlp_over_grpc(mesh: Mesh, grpc_receiver: GrpcReceiver, messaging
     span = await eventually(exported, timeout=30, what="the echo process span over OTLP/gRPC")
     assert span["kind"] == 5 and span["resource"]["service.name"] == "echo"
     assert span["resource"]["service.version"] == "1.0.0"
-
-
-async def start_registry(url: str, prefix: str, log: Path, client: PluginRegistry,
-                         env: dict[str, str]) -> asyncio.subprocess.Process:
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh", "registry", "--nats", url, "--prefix", prefix,
-            env=child_env(**env), stdout=out, stderr=out)
-
-    async def serving() -> bool:
-        if proc.returncode is not None:
-            raise AssertionError(f"mesh registry exited with {proc.returncode}: see {log}")
-        try:
-            await client.list_plugins()
-            return True
-        except PluginNotFound:  # not subscribed yet
-            return False
-
-    await eventually(serving, timeout=20, what="mesh registry to serve")
-    return proc
 
 
 async def test_registry_calls_continue_the_callers_trace(nats_server: NatsServer, prefix: str, tmp_path: Path,
