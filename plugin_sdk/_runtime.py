@@ -317,6 +317,8 @@ class PluginRuntime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._instruments is not None:
+            self._instruments.latest = {}  # the meter keeps its callbacks: a stopped instance reports nothing
         if self.register:
             with contextlib.suppress(CommunicationError, nats.errors.Error):
                 await self.registry.heartbeat(self.info())  # "stopping": broadcasts stop expecting us
