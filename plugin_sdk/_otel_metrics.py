@@ -48,21 +48,22 @@ class MeshInstruments:
                                         description="Messages whose handling failed, by kind")
         meter.create_observable_gauge("mesh.plugin.latency", [self._latency], unit="ms",
                                       description="Handling latency percentiles since start, by kind")
-        meter.create_observable_up_down_counter("mesh.plugin.inflight", [self._value("inflight")],
+        meter.create_observable_up_down_counter("mesh.plugin.inflight", [self._field("inflight")],
                                                 unit="{message}", description="Messages being handled now")
-        meter.create_observable_gauge("mesh.plugin.error_rate", [self._value("error_rate")], unit="1",
+        meter.create_observable_gauge("mesh.plugin.error_rate", [self._field("error_rate")], unit="1",
                                       description="errors / messages since start")
-        meter.create_observable_gauge("mesh.plugin.load_time", [self._value("load_time_s")], unit="s",
+        meter.create_observable_gauge("mesh.plugin.load_time", [self._field("load_time_s")], unit="s",
                                       description="Process start to serving")
-        meter.create_observable_counter("mesh.plugin.restarts", [self._value("restarts")], unit="{restart}",
+        meter.create_observable_counter("mesh.plugin.restarts", [self._field("restarts")], unit="{restart}",
                                         description="Restarts by the supervising agent")
         meter.create_observable_gauge("mesh.plugin.health", [self._health], unit="1",
                                       description="0 healthy, 1 degraded, 2 unhealthy, 3 starting, 4 stopping")
-        meter.create_observable_up_down_counter("process.memory.usage", [self._resource("rss_bytes")], unit="By",
+        res = "resources"
+        meter.create_observable_up_down_counter("process.memory.usage", [self._field(res, "rss_bytes")], unit="By",
                                                 description="Resident set size")
-        meter.create_observable_gauge("process.cpu.utilization", [self._cpu], unit="1",
-                                      description="CPU time / wall time over the last second (1 = one core)")
-        meter.create_observable_up_down_counter("process.open_file_descriptor.count", [self._resource("open_fds")],
+        meter.create_observable_gauge("process.cpu.utilization", [self._field(res, "cpu_percent", scale=0.01)],
+                                      unit="1", description="CPU time / wall time over the last second (1 = one core)")
+        meter.create_observable_up_down_counter("process.open_file_descriptor.count", [self._field(res, "open_fds")],
                                                 unit="{file_descriptor}", description="Open file descriptors")
 
     def refresh(self) -> None:
@@ -87,22 +88,16 @@ class MeshInstruments:
                 out.append(Observation(k["latency_ms"][q], {"mesh.kind": kind, "quantile": q}))
         return out
 
-    def _value(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def _field(self, *path: str, scale: float = 1.0) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """Observe ``latest[path[0]][path[1]]...`` times ``scale``; nothing when absent or negative
+        (a load time not known yet, ``open_fds`` -1 where there are no file descriptors)."""
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            value = self.latest.get(field)
-            return [Observation(value)] if isinstance(value, int | float) else []
+            value: Any = self.latest
+            for key in path:
+                value = value.get(key) if isinstance(value, Mapping) else None
+            return [Observation(value * scale)] if isinstance(value, int | float) and value >= 0 else []
         return observe
 
     def _health(self, options: CallbackOptions) -> Iterable[Observation]:
         health = self.latest.get("health")
         return [Observation(_HEALTH_CODES[health])] if health in _HEALTH_CODES else []
-
-    def _resource(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            value = self.latest.get("resources", {}).get(field)
-            return [Observation(value)] if isinstance(value, int | float) and value >= 0 else []
-        return observe
-
-    def _cpu(self, options: CallbackOptions) -> Iterable[Observation]:
-        value = self.latest.get("resources", {}).get("cpu_percent")
-        return [Observation(value / 100.0)] if isinstance(value, int | float) else []
