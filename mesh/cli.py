@@ -20,6 +20,7 @@ from plugin_sdk import (
     PluginError,
     PluginMessaging,
     PluginRegistry,
+    StateNotFound,
     StateStore,
 )
 from plugin_sdk._config import validate_name
@@ -358,8 +359,6 @@ def publish(
 # State
 
 async def _store(nc: Any, plugin: str, prefix: str | None, *, create: bool = False) -> StateStore:
-    import nats.js.errors
-
     try:
         validate_name(plugin)
     except ValueError as exc:
@@ -367,7 +366,7 @@ async def _store(nc: Any, plugin: str, prefix: str | None, *, create: bool = Fal
     bucket = Subjects(_prefix(prefix)).state_bucket(plugin)
     try:
         kv = await open_bucket(nc.jetstream(), bucket, create=create)
-    except nats.js.errors.BucketNotFoundError:
+    except StateNotFound:
         raise UserError(f"plugin {plugin!r} has no state (no KV bucket {bucket})") from None
     return StateStore(kv, plugin=plugin)
 

@@ -22,6 +22,10 @@ from ._errors import (
     ResourceError,
     StateConflict,
     StateError,
+    StateNotFound,
+    StateTimeout,
+    StateTooLarge,
+    StateUnavailable,
     UnknownOperation,
 )
 from ._message import BroadcastResult, ErrorInfo, Health, HealthCheck, Message, MessageKind, PluginInfo, Response
@@ -73,7 +77,11 @@ __all__ = [
     "StateConflict",
     "StateEntry",
     "StateError",
+    "StateNotFound",
     "StateStore",
+    "StateTimeout",
+    "StateTooLarge",
+    "StateUnavailable",
     "UnknownOperation",
     "VersionRecord",
     "__version__",

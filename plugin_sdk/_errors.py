@@ -21,8 +21,12 @@ as :class:`HandlerError`, carrying the remote exception's type name and message.
     ├── ResourceError                 a limit was hit
     │   └── PayloadTooLarge           the message exceeds the server's or plugin's limit
     ├── PermissionDenied              the plugin's permissions refuse the operation
-    ├── StateError                    the plugin's KV state failed
-    │   └── StateConflict             compare-and-set lost: the revision moved on
+    ├── StateError                    the plugin's KV state failed (.bucket, .key)
+    │   ├── StateConflict             compare-and-set lost: the revision moved on
+    │   ├── StateTimeout              JetStream did not answer in time (a write may have landed)
+    │   ├── StateUnavailable          no JetStream: connection closed/reconnecting, no responders
+    │   ├── StateNotFound             the bucket does not exist
+    │   └── StateTooLarge             the value exceeds a payload limit (also a PayloadTooLarge)
     └── HandlerError                  the remote handler raised something else
                                       (.remote_type names the remote exception class)
 """
@@ -48,6 +52,10 @@ __all__ = [
     "ResourceError",
     "StateConflict",
     "StateError",
+    "StateNotFound",
+    "StateTimeout",
+    "StateTooLarge",
+    "StateUnavailable",
     "UnknownOperation",
     "error_class",
 ]
@@ -160,13 +168,55 @@ class PermissionDenied(PluginError):
 
 
 class StateError(PluginError):
-    """Reading or writing the plugin's persisted state failed."""
+    """Reading or writing the plugin's persisted state failed.
+
+    ``bucket`` and ``key`` name what was being read or written (``None`` when not known, e.g. on
+    the far side of the wire, where the message still names them).
+    """
+
+    def __init__(self, message: str, *, plugin: str | None = None, subject: str | None = None,
+                 bucket: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, plugin=plugin, subject=subject)
+        self.bucket = bucket
+        self.key = key
 
 
 class StateConflict(StateError):
     """A compare-and-set was refused because the key's revision had moved on."""
 
     code = 409
+
+
+class StateTimeout(StateError):
+    """JetStream did not answer within the timeout.
+
+    For a write this means *unknown*, not *failed*: JetStream may have stored it and the
+    acknowledgement been lost. Re-read before retrying; ``compare_and_set`` retries safely.
+    """
+
+    code = 504
+
+
+class StateUnavailable(StateError):
+    """The state store cannot be reached: the NATS connection is closed or reconnecting, or no
+    JetStream answers (not enabled, or no responders)."""
+
+    code = 503
+
+
+class StateNotFound(StateError):
+    """The state bucket does not exist (and was not to be created)."""
+
+    code = 404
+
+
+class StateTooLarge(StateError, PayloadTooLarge):
+    """The value exceeds the plugin's or the NATS server's payload limit; nothing was sent.
+
+    Also a :class:`PayloadTooLarge`, so code catching that still catches this.
+    """
+
+    code = 413
 
 
 class HandlerError(PluginError):

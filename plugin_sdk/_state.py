@@ -3,25 +3,44 @@
 Values are JSON. Every write returns once JetStream has acknowledged it (file storage), so an
 acknowledged write survives a plugin crash and a nats-server restart. ``compare_and_set`` gives
 optimistic concurrency between instances of one plugin.
+
+Every failure is a :class:`StateError` subclass naming the bucket and key: ``StateTimeout`` (no
+answer in time; a write may still have landed), ``StateUnavailable`` (the connection is closed or
+reconnecting, or no JetStream answers), ``StateNotFound`` (no such bucket), ``StateTooLarge``
+(checked before sending), ``StateConflict`` (compare-and-set lost).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from ._errors import PayloadTooLarge, StateConflict, StateError
+from ._errors import StateConflict, StateError, StateNotFound, StateTimeout, StateTooLarge, StateUnavailable
 from ._wire import dumps, loads
 
 __all__ = ["StateEntry", "StateStore", "open_bucket"]
 
 _KEY_RE = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+
+T = TypeVar("T")
+
+#: The header nats-py sends with an update/create ("NATS/1.0\r\n" + "Name: value\r\n" + "\r\n"),
+#: with room for a 20-digit revision: NATS counts headers and body against max_payload.
+_EXPECT_HEADER_BYTES = len("NATS/1.0\r\n") + len("Nats-Expected-Last-Subject-Sequence: \r\n") + 20 + len("\r\n")
+
+#: nats-py errors that mean "JetStream cannot be reached now" (nothing was sent, or nothing answers).
+_UNAVAILABLE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.ConnectionDrainingError, nats.errors.OutboundBufferLimitError,
+                nats.errors.NoRespondersError, nats.errors.StaleConnectionError, nats.errors.NoServersError,
+                nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,26 +50,75 @@ class StateEntry:
     revision: int
 
 
-def _check_key(key: str) -> str:
+def _check_key(key: str, bucket: str | None = None) -> str:
     if not _KEY_RE.match(key) or key.startswith(".") or key.endswith("."):
-        raise StateError(f"invalid state key {key!r}: use letters, digits and - / _ = . (not at the ends)")
+        raise StateError(f"invalid state key {key!r}: use letters, digits and - / _ = . (not at the ends)",
+                         bucket=bucket, key=key)
     return key
+
+
+def _connection_state(js: JetStreamContext) -> str:
+    nc = getattr(js, "_nc", None)
+    if nc is None or nc.is_connected:
+        return ""
+    if nc.is_closed:
+        return "; the NATS connection is closed"
+    return "; the NATS connection is down (reconnecting)"
+
+
+def _translate(exc: Exception, *, op: str, bucket: str, key: str | None, plugin: str | None,
+               js: JetStreamContext, write: bool) -> StateError:
+    """The typed :class:`StateError` for a nats-py failure of ``op`` on ``bucket``/``key``."""
+    what = f"state {op} {key!r} in bucket {bucket}" if key is not None else f"state {op} on bucket {bucket}"
+    kw: dict[str, Any] = {"plugin": plugin, "bucket": bucket, "key": key}
+    down = _connection_state(js)
+    if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError is one too
+        after = "; the write may or may not have been stored: re-read before retrying" if write else ""
+        return StateTimeout(f"{what}: JetStream did not answer within {getattr(js, '_timeout', 5):g}s{down}{after}",
+                            **kw)
+    if isinstance(exc, _UNAVAILABLE):
+        why = {nats.errors.ConnectionClosedError: "the NATS connection is closed",
+               nats.errors.ConnectionReconnectingError: "the NATS connection is reconnecting",
+               nats.errors.ConnectionDrainingError: "the NATS connection is draining",
+               nats.errors.OutboundBufferLimitError: "the NATS connection is down and its buffer is full",
+               }.get(type(exc), f"no JetStream answered ({type(exc).__name__}: is JetStream enabled?)")
+        return StateUnavailable(f"{what}: {why}", **kw)
+    if isinstance(exc, nats.js.errors.BucketNotFoundError):
+        return StateNotFound(f"{what}: the bucket does not exist", **kw)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return StateTooLarge(f"{what}: over the NATS server's max_payload", **kw)
+    detail = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return StateError(f"{what}: {type(exc).__name__}: {detail}", **kw)
+
+
+async def _guard(aw: Awaitable[T], *, op: str, bucket: str, key: str | None, plugin: str | None,
+                 js: JetStreamContext, write: bool = False) -> T:
+    try:
+        return await aw
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise _translate(exc, op=op, bucket=bucket, key=key, plugin=plugin, js=js, write=write) from exc
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool, description: str = "",
                       history: int = 1) -> KeyValue:
-    """Open ``bucket``; with ``create``, make it (file storage) if it does not exist yet."""
+    """Open ``bucket``; with ``create``, make it (file storage) if it does not exist yet.
+
+    Raises :class:`StateNotFound` when it does not exist and ``create`` is false, and the other
+    :class:`StateError` subclasses when JetStream cannot be reached.
+    """
     try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
+        return await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
+    except StateNotFound:
         if not create:
             raise
+    config = KeyValueConfig(bucket=bucket, description=description, history=history, storage=StorageType.FILE)
     try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, description=description,
-                                                        history=history, storage=StorageType.FILE))
-    except nats.js.errors.BadRequestError:
-        # Another process created it between our look-up and our create.
-        return await js.key_value(bucket)
+        return await _guard(js.create_key_value(config), op="create", bucket=bucket, key=None, plugin=None, js=js)
+    except StateError as exc:
+        if not isinstance(exc.__cause__, nats.js.errors.BadRequestError):
+            raise
+    # Another process created it between our look-up and our create.
+    return await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
 
 
 class StateStore:
@@ -65,6 +133,10 @@ class StateStore:
     def bucket(self) -> str:
         return str(self._kv._name)
 
+    async def _do(self, aw: Awaitable[T], op: str, key: str | None, *, write: bool = False) -> T:
+        return await _guard(aw, op=op, bucket=self.bucket, key=key, plugin=self._plugin, js=self._kv._js,
+                            write=write)
+
     async def get(self, key: str, default: Any = None) -> Any:
         entry = await self.get_entry(key)
         return default if entry is None else entry.value
@@ -72,41 +144,56 @@ class StateStore:
     async def get_entry(self, key: str) -> StateEntry | None:
         """The value and its revision, or ``None`` when the key does not exist."""
         try:
-            e = await self._kv.get(_check_key(key))
-        except nats.js.errors.KeyNotFoundError:
-            return None
+            e = await self._do(self._kv.get(_check_key(key, self.bucket)), "get", key)
+        except StateError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):  # KeyDeletedError is one too
+                return None
+            raise
         return StateEntry(key, loads(e.value or b"", what=f"state {key!r}"), e.revision or 0)
 
     async def put(self, key: str, value: Any) -> int:
         """Store ``value`` (JSON) and return the new revision once JetStream has it."""
-        return await self._kv.put(_check_key(key), self._encode(key, value))
+        data = self._encode(key, value, headers=0)
+        return await self._do(self._kv.put(_check_key(key, self.bucket), data), "put", key, write=True)
 
     async def compare_and_set(self, key: str, value: Any, *, revision: int) -> int:
         """Store ``value`` only if ``key`` is still at ``revision`` (0: only if it does not exist).
 
         Returns the new revision; raises :class:`StateConflict` when someone wrote in between.
         """
-        data = self._encode(key, value)
+        data = self._encode(key, value, headers=_EXPECT_HEADER_BYTES)
+        _check_key(key, self.bucket)
+        write = self._kv.create(key, data) if revision == 0 else self._kv.update(key, data, last=revision)
         try:
-            if revision == 0:
-                return await self._kv.create(_check_key(key), data)
-            return await self._kv.update(_check_key(key), data, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise StateConflict(f"state {key!r} of {self._plugin!r} is no longer at revision {revision}",
-                                plugin=self._plugin) from None
+            return await self._do(write, "compare_and_set", key, write=True)
+        except StateError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.KeyWrongLastSequenceError):
+                raise StateConflict(f"state {key!r} of {self._plugin!r} is no longer at revision {revision}",
+                                    plugin=self._plugin, bucket=self.bucket, key=key) from None
+            raise
 
     async def delete(self, key: str) -> None:
-        await self._kv.delete(_check_key(key))
+        await self._do(self._kv.delete(_check_key(key, self.bucket)), "delete", key, write=True)
 
     async def keys(self) -> list[str]:
         try:
-            return sorted(await self._kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+            return sorted(await self._do(self._kv.keys(), "keys", None))
+        except StateError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.NoKeysError):
+                return []
+            raise
 
-    def _encode(self, key: str, value: Any) -> bytes:
+    def _encode(self, key: str, value: Any, *, headers: int) -> bytes:
+        """JSON, checked against the plugin's limit and the server's ``max_payload`` before sending
+        (the server counts headers too; a message over it would make the server close the connection)."""
         data = dumps(value)
+        nc = getattr(self._kv._js, "_nc", None)
+        server_max: int | None = nc.max_payload if nc is not None and nc.max_payload else None
+        where = f"state {key!r} of plugin {self._plugin!r} (bucket {self.bucket})"
         if self._max is not None and len(data) > self._max:
-            raise PayloadTooLarge(f"state {key!r} is {len(data)} bytes, over the limit of {self._max}",
-                                  plugin=self._plugin)
+            raise StateTooLarge(f"{where} is {len(data)} bytes, over the limit of {self._max} (the plugin's "
+                                "max_payload)", plugin=self._plugin, bucket=self.bucket, key=key)
+        if server_max is not None and len(data) + headers > server_max:
+            raise StateTooLarge(f"{where} is {len(data) + headers} bytes, over the limit of {server_max} (the "
+                                "NATS server's max_payload)", plugin=self._plugin, bucket=self.bucket, key=key)
         return data
