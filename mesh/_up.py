@@ -19,7 +19,7 @@ from plugin_sdk._runtime import check_protocol
 from plugin_sdk._wire import Subjects
 
 from ._agent import Agent
-from ._connect import close, connect
+from ._connect import close, connect, redact
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
 from ._registry import RegistryService
@@ -120,16 +120,15 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
     try:
-        async with RegistryService(nc, prefix=prefix):
-            say(f"registry serving {prefix}.registry.*")
-            async with Agent(nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat,
-                             data_dir=data_dir / "agent", cwd=base_dir) as agent:
-                say(f"agent {agent.name} serving {prefix}.agent.{agent.name}.*")
-                started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
-                say(f"mesh is up on {url} (prefix {prefix!r}); Ctrl-C stops it")
-                await stop.wait()
-                say("stopping plugins")
-                await stop_in_reverse(agent, started)
+        # The registry and the agent log their own "serving …" line: no second one here.
+        async with RegistryService(nc, prefix=prefix), Agent(
+                nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
+                cwd=base_dir) as agent:
+            started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
+            say(f"up on {redact(url)} (prefix {prefix!r}); Ctrl-C stops it")
+            await stop.wait()
+            say("stopping plugins")
+            await stop_in_reverse(agent, started)
     finally:
         await close(nc)
         if flush_traces is not None:
@@ -153,7 +152,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
         say(f"nats-server {server.url} (JetStream in {data_dir}) ready in {time.monotonic() - t0:.2f}s")
         nats_url = server.url
     else:
-        say(f"using NATS at {nats_url}")
+        say(f"using NATS at {redact(nats_url)}")
     try:
         return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
                                  data_dir=data_dir, say=say))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,27 +56,44 @@ from ._service import stop_on_signals
 
 @app.command()
 def up(
-    nats_url: Annotated[str | None, typer.Option("--nats", envvar="MESH_NATS_URL",
-                                                 help="Use this NATS server instead of starting one.")] = None,
-    port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
-    data_dir: Annotated[Path, typer.Option(help="JetStream storage of the embedded server.")] = Path(".mesh"),
+    nats_url: Annotated[str | None, typer.Option("--nats", show_default=False,
+                                                 help="Use this NATS server instead of starting one (default: "
+                                                 "env MESH_NATS_URL, unless --port or --data-dir is given).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of the embedded nats-server (starts it, whatever "
+                                             "MESH_NATS_URL says).", show_default="4222")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="JetStream storage of the embedded server, and the agent's "
+                                                  "data (starts the embedded server unless --nats is given).",
+                                                  show_default=".mesh")] = None,
     file: Annotated[Path, typer.Option("--file", "-f", help="Plugins to run.")] = Path("mesh.toml"),
     prefix: Annotated[str | None, typer.Option("--prefix", envvar="MESH_PREFIX", show_default=False,
                                                help="Subject prefix (default: mesh.toml's, else mesh).")] = None,
 ) -> None:
-    """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all."""
+    """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all.
+
+    With --nats (or MESH_NATS_URL) it uses that server instead; an explicit --port or --data-dir
+    means the embedded server, and --nats with --port is refused.
+    """
     from ._up import run_up
 
     _setup_logging()
     mesh_file = file if file.exists() else None
     if mesh_file is None and file != Path("mesh.toml"):
         raise _fail(f"{file}: no such file")
+    if nats_url and port is not None:
+        raise _fail("--nats uses a running NATS server and --port is for the embedded one: give one or the other")
 
     def say(line: str) -> None:
-        err.print(f"[green]mesh[/green] {line}", highlight=False)
+        err.print(f"[green]mesh[/green] {escape(line)}", highlight=False)
 
+    env_url = os.environ.get("MESH_NATS_URL") or None
+    embedded = port is not None or data_dir is not None
+    if nats_url is None and env_url and not embedded:
+        nats_url = env_url
+    elif nats_url is None and env_url:
+        say("MESH_NATS_URL is set, but --port/--data-dir start the embedded nats-server: not using it")
     try:
-        code = run_up(nats_url=nats_url, port=port, data_dir=data_dir.resolve(), mesh_file=mesh_file, say=say,
+        code = run_up(nats_url=nats_url, port=4222 if port is None else port,
+                      data_dir=(data_dir or Path(".mesh")).resolve(), mesh_file=mesh_file, say=say,
                       prefix=_prefix(prefix) if prefix else None)
     except KeyboardInterrupt:
         code = 130
