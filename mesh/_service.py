@@ -16,7 +16,7 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError, _tracing
-from plugin_sdk._wire import error_reply, loads, success_reply
+from plugin_sdk._wire import error_reply, loads, send_reply, success_reply
 
 __all__ = ["json_handler", "stop_on_signals"]
 
@@ -71,7 +71,7 @@ def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitabl
                                   attributes={"messaging.consumer.group.name": group}) as span:
                 body, headers = await answer(msg, span)
         if msg.reply:
-            with contextlib.suppress(nats.errors.Error):
-                await nc.publish(msg.reply, body, headers=headers)
+            with contextlib.suppress(nats.errors.Error):  # closing or reconnecting: the asker times out
+                await send_reply(nc, msg.reply, body, headers, instance=instance, plugin=service)
 
     return handler

@@ -128,6 +128,9 @@ class PluginConfig(_Model):
     permissions: Permissions = Field(default_factory=Permissions)
     #: Messages handled at once by one instance.
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    #: Requests that may wait for a handler slot when all ``max_concurrency`` are busy; past it a
+    #: request is refused at once with ResourceError ("overloaded") instead of queueing without end.
+    max_queued: int = Field(default=1000, ge=0, le=1_000_000)
     #: Largest request body this plugin accepts, in bytes (the server's own limit also applies).
     max_payload: int = Field(default=1024 * 1024, ge=1)
     #: The mesh protocol (major) this plugin was built for; a host that speaks another refuses it.

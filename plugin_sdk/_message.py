@@ -88,25 +88,50 @@ class ErrorInfo(BaseModel):
     type: str
     message: str
     code: int = 500
+    #: The plugin where the error was raised first.
     plugin: str | None = None
+    #: The plugins it came back through on its way to this caller, nearest last (A → B → C raising
+    #: gives the caller of A ``plugin="C", via=["B", "A"]``). Empty for a direct error.
+    via: list[str] = Field(default_factory=list)
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, plugin: str | None = None) -> ErrorInfo:
+        if isinstance(exc, HandlerError):
+            # A remote handler's failure passing through: keep its type and message once
+            # (not "HandlerError: OutOfStock: …"), and note the hop.
+            prefix = f"{exc.remote_type}: "
+            message = exc.message[len(prefix):] if exc.message.startswith(prefix) else exc.message
+            return cls(type=exc.remote_type, message=message, code=exc.code, plugin=exc.plugin or plugin,
+                       via=_via(exc, plugin))
         if isinstance(exc, PluginError):
             return cls(type=type(exc).__name__, message=exc.message, code=exc.code,
-                       plugin=exc.plugin or plugin)
+                       plugin=exc.plugin or plugin, via=_via(exc, plugin))
         return cls(type=type(exc).__name__, message=str(exc) or type(exc).__name__, code=500, plugin=plugin)
 
     def to_exception(self, *, subject: str | None = None) -> PluginError:
-        """The typed error to raise on the caller's side."""
+        """The typed error to raise on the caller's side (``.via`` names the hops, if any)."""
         cls = error_class(self.type)
+        err: PluginError | None = None
         if cls is not None and cls is not HandlerError:
             try:
-                return cls(self.message, plugin=self.plugin, subject=subject)
+                err = cls(self.message, plugin=self.plugin, subject=subject)
             except TypeError:  # a plugin-defined subclass with its own signature
-                pass
-        return HandlerError(f"{self.type}: {self.message}", remote_type=self.type,
-                            plugin=self.plugin, subject=subject)
+                err = None
+        if err is None:
+            err = HandlerError(f"{self.type}: {self.message}", remote_type=self.type,
+                               plugin=self.plugin, subject=subject)
+        err.via = list(self.via)  # type: ignore[attr-defined]  # (set: this error came over the wire)
+        return err
+
+
+def _via(exc: PluginError, here: str | None) -> list[str]:
+    """The hops of an error that came from another plugin and is now passing through ``here``."""
+    if not hasattr(exc, "via"):
+        return []  # raised here, not received from another plugin
+    hops = list(exc.via)
+    if here and exc.plugin != here and (not hops or hops[-1] != here):
+        hops.append(here)
+    return hops
 
 
 class Response(BaseModel):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +18,7 @@ from nats.aio.subscription import Subscription
 
 from . import _tracing
 from ._config import Permissions, check_range
-from ._errors import CommunicationError, InvalidMessage, PayloadTooLarge, PermissionDenied, PluginNotFound
+from ._errors import CommunicationError, InvalidMessage, PermissionDenied, PluginNotFound
 from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
@@ -25,10 +26,14 @@ from ._wire import (
     H_METADATA,
     PROTOCOL_VERSION,
     Subjects,
+    bounded,
     check_event_type,
+    check_size,
     check_token,
     dumps,
+    is_no_responders,
     message_from_msg,
+    publish,
     request,
     request_headers,
     response_from_msg,
@@ -107,11 +112,77 @@ class EventSubscription:
 
 
 def _event_from_msg(msg: Msg, subjects: Subjects) -> Message | None:
+    """The event in ``msg`` (``None``, logged, for a malformed one). With tracing on, its delivery is a
+    ``receive`` CONSUMER span, the child of the publisher's: a flow that ends in a loop over
+    ``subscribe_to_events`` is still one trace (the consumer's own work comes after the span)."""
     try:
-        return message_from_msg(msg, target=subjects.event_type(msg.subject), kind=MessageKind.EVENT)
+        event = message_from_msg(msg, target=subjects.event_type(msg.subject), kind=MessageKind.EVENT)
     except InvalidMessage as exc:
-        log.warning("dropped malformed event on %s: %s", msg.subject, exc)
+        log.warning("dropped malformed event on %s: %s", msg.subject, bounded(str(exc)))
         return None
+    if _tracing.enabled():
+        with _tracing.consume(msg.subject, msg.headers, operation="receive", link=True,
+                              attributes={"messaging.message.id": event.id}):
+            pass
+    return event
+
+
+class _Gathering:
+    """The replies to one broadcast, as they arrive (on the reply subscription's callback)."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        self.arrived: list[Msg] = []
+        self.progress = asyncio.Event()
+        self.result = BroadcastResult()
+        self.seen: set[str] = set()
+        self.no_responders = False
+        self.looked = False
+        self.expected: set[str] | None = None  # who should answer, once the registry said
+
+    async def on_reply(self, reply: Msg) -> None:
+        self.arrived.append(reply)
+        self.progress.set()
+
+    def take(self) -> None:
+        """Account for every reply that has arrived."""
+        arrived, self.arrived = self.arrived, []
+        for reply in arrived:
+            if is_no_responders(reply):  # the server's word that nobody is subscribed, not a reply
+                self.no_responders = True
+                continue
+            try:
+                response = response_from_msg(reply, message_id=self.message_id)
+            except InvalidMessage as exc:
+                log.warning("ignored a malformed broadcast reply: %s", bounded(str(exc)))
+                continue
+            if response.source in self.seen:
+                continue
+            self.seen.add(response.source or f"anonymous-{len(self.seen)}")
+            self.result.responses.append(response)
+
+    def look(self, lookup: asyncio.Task[list[PluginInfo]],
+             expected_of: Callable[[asyncio.Task[list[PluginInfo]]], set[str] | None]) -> None:
+        """Take the registry's answer (who should reply) once it is there."""
+        if not self.looked and lookup.done():
+            self.looked = True
+            self.expected = expected_of(lookup)
+
+    def complete(self) -> bool:
+        if self.no_responders and not self.result.responses:
+            return True  # nobody is subscribed: nothing will come
+        return self.expected is not None and self.expected <= self.seen
+
+    async def until_complete(self, lookup: asyncio.Task[list[PluginInfo]],
+                             expected_of: Callable[[asyncio.Task[list[PluginInfo]]], set[str] | None]) -> None:
+        """Until every expected instance answered, or the server said nobody serves (the caller bounds it)."""
+        while True:
+            self.progress.clear()
+            self.take()
+            self.look(lookup, expected_of)
+            if self.complete():
+                return
+            await self.progress.wait()
 
 
 class PluginMessaging:
@@ -131,6 +202,8 @@ class PluginMessaging:
         # The envelope's constant tail, and event subjects already checked (the publish hot path).
         self._env_tail = f";src={self._source}" + (f";inst={source_instance}" if source_instance else "")
         self._event_subjects: dict[str, str] = {}
+        #: Reply inboxes of the broadcasts this object is sending now (see :meth:`is_own_broadcast`).
+        self._own_inboxes: set[str] = set()
         # (name, range) → (expires, instance ids, round-robin counter) for version-ranged sends.
         self._ranges: dict[tuple[str, str], tuple[float, list[str], Iterator[int]]] = {}
 
@@ -233,59 +306,50 @@ class PluginMessaging:
         Returns as soon as every instance the registry lists as healthy has answered, else at
         ``timeout`` with what came and ``missing`` naming the silent instances. Error replies are
         included as responses with ``.error`` set; nothing raises for one instance's failure.
-        The registry is asked while the broadcast is already on its way, not before.
+        Raises :class:`PluginNotFound` when no instance at all serves the broadcast (NATS "no
+        responders"). The registry is asked while the broadcast is already on its way, not before.
         """
         self._allow("send", self._perms.send if self._perms else None, target or "*")
         msg = self._message(target or "*", message_or_payload, None, operation, metadata)
         subject = self.subjects.broadcast_to(target) if target else self.subjects.broadcast
-        body = self._encode(msg, subject)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        arrived: list[Msg] = []
-        progress = asyncio.Event()
-
-        async def on_reply(reply: Msg) -> None:
-            arrived.append(reply)
-            progress.set()
-
-        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=on_reply)
+        headers = request_headers(msg, timeout=timeout)
+        body = self._encode_payload(msg.payload, subject, target)
+        gathering = _Gathering(msg.id)
+        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=gathering.on_reply)
+        # Our own runtime knows its broadcasts by this inbox (which no other client can choose for
+        # us), not by the envelope's inst= (which anyone could set to silence an instance).
+        self._own_inboxes.add(sub.subject)
         lookup = asyncio.create_task(self._registry.list_plugins(target, healthy_only=True,
                                                                  timeout=max(0.05, min(1.0, timeout / 2))))
-        lookup.add_done_callback(lambda _: progress.set())
-        result = BroadcastResult()
-        expected: set[str] | None = None
-        looked = False
-        seen: set[str] = set()
+        lookup.add_done_callback(lambda _: gathering.progress.set())
         try:
-            headers = request_headers(msg, timeout=timeout)
             with _tracing.produce(subject) as carrier:
                 headers.update(carrier)
-                await self._nc.publish(subject, body, reply=sub.subject, headers=headers)
-            while True:
-                progress.clear()
-                while arrived:
-                    self._gather(arrived.pop(0), msg.id, seen, result)
-                if not looked and lookup.done():
-                    looked = True
-                    expected = self._expected(lookup)
-                    result.expected_known = expected is not None
-                if expected is not None and expected <= seen:
-                    break
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        await progress.wait()
-                except TimeoutError:
-                    continue  # one more pass: take what arrived, then the deadline ends it
-            if expected is not None:
-                result.missing = sorted(expected - seen)
+                await publish(self._nc, subject, body, headers=headers, reply=sub.subject, plugin=target,
+                              what="broadcast")
+            with contextlib.suppress(TimeoutError):  # the deadline ends it with what came
+                async with asyncio.timeout(timeout):
+                    await gathering.until_complete(lookup, self._expected)
+            gathering.look(lookup, self._expected)
         finally:
+            self._own_inboxes.discard(sub.subject)
             lookup.cancel()
             await asyncio.gather(lookup, return_exceptions=True)
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        gathering.take()
+        if gathering.no_responders and not gathering.result.responses:
+            raise PluginNotFound(f"no plugin instance serves broadcasts{f' to {target!r}' if target else ''} "
+                                 f"(no responders on {subject})", plugin=target, subject=subject)
+        result, expected = gathering.result, gathering.expected
+        result.expected_known = expected is not None
+        if expected is not None:
+            result.missing = sorted(expected - gathering.seen)
         return result
+
+    def is_own_broadcast(self, reply: str | None) -> bool:
+        """Whether a broadcast received with this reply subject is one this object is sending."""
+        return reply is not None and reply in self._own_inboxes
 
     def _expected(self, lookup: asyncio.Task[list[PluginInfo]]) -> set[str] | None:
         if lookup.cancelled():
@@ -297,18 +361,6 @@ class PluginMessaging:
             log.warning("broadcast without the registry (%s): gathering until the timeout", exc)
             return None
         raise exc
-
-    @staticmethod
-    def _gather(reply: Msg, message_id: str, seen: set[str], result: BroadcastResult) -> None:
-        try:
-            response = response_from_msg(reply, message_id=message_id)
-        except InvalidMessage as exc:
-            log.warning("ignored a malformed broadcast reply: %s", exc)
-            return
-        if response.source in seen:
-            return
-        seen.add(response.source or f"anonymous-{len(seen)}")
-        result.responses.append(response)
 
     async def publish_event(self, event_type: str, payload: Any = None, *,
                             metadata: dict[str, str] | None = None) -> None:
@@ -324,7 +376,7 @@ class PluginMessaging:
             if len(self._event_subjects) > 4096:
                 self._event_subjects.clear()
             self._event_subjects[event_type] = subject
-        body = self._encode_payload(payload, subject, event_type)
+        body = self._encode_payload(payload, subject, None)
         # The kind is implied by the subject; build the envelope without a Message (hot path).
         headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()}{self._env_tail}"}
         if metadata:
@@ -332,15 +384,9 @@ class PluginMessaging:
         if _tracing.enabled():
             with _tracing.produce(subject, operation="publish") as carrier:
                 headers.update(carrier)
-                await self._publish(subject, body, headers)
+                await publish(self._nc, subject, body, headers=headers, what=f"event {event_type!r}")
         else:
-            await self._publish(subject, body, headers)
-
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
-        try:
-            await self._nc.publish(subject, body, headers=headers)
-        except nats.errors.ConnectionClosedError:
-            raise CommunicationError("NATS connection is closed", subject=subject) from None
+            await publish(self._nc, subject, body, headers=headers, what=f"event {event_type!r}")
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ValueError for a malformed pattern, PermissionDenied for a forbidden one."""
@@ -362,12 +408,12 @@ class PluginMessaging:
     def _encode(self, msg: Message, subject: str) -> bytes:
         return self._encode_payload(msg.payload, subject, msg.target)
 
-    def _encode_payload(self, payload: Any, subject: str, target: str) -> bytes:
+    def _encode_payload(self, payload: Any, subject: str, target: str | None) -> bytes:
+        """The JSON body. Its size, with the headers, is checked where it is published."""
         try:
             body = dumps(payload)
         except (TypeError, ValueError) as exc:
-            raise InvalidMessage(f"payload is not JSON-serialisable: {exc}", subject=subject) from None
-        if len(body) > self._nc.max_payload:
-            raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds the server's limit of "
-                                  f"{self._nc.max_payload} bytes", plugin=target, subject=subject)
+            raise InvalidMessage(f"payload is not JSON-serialisable: {exc}", plugin=target, subject=subject) from None
+        if len(body) > self._nc.max_payload:  # hopeless whatever the headers: say so before building them
+            check_size(self._nc, subject, body, None, plugin=target, what="payload")
         return body

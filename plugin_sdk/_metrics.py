@@ -122,6 +122,10 @@ class RuntimeStats:
         self.endpoints: dict[str, EndpointStats] = {}
         self.window_started = time.monotonic()
         self.reset_at = time.time()
+        #: Requests answered RequestTimeout without running: their deadline passed while queued.
+        self.expired = 0
+        #: Requests refused at once (ResourceError): max_concurrency busy and max_queued waiting.
+        self.refused = 0
 
     def endpoint(self, name: str, subject: str, queue_group: str | None = None) -> EndpointStats:
         ep = self.endpoints.get(name)
@@ -161,6 +165,7 @@ class RuntimeStats:
     def reset(self) -> None:
         """Forget every count (NATS micro ``STATS`` may be reset by the service's owner)."""
         self.kinds.clear()
+        self.expired = self.refused = 0
         for ep in self.endpoints.values():
             ep.num_requests = ep.num_errors = 0
             ep.processing_time = 0.0
@@ -200,7 +205,8 @@ class RuntimeStats:
                            "rate": round(recent.count / span, 2), "latency_ms": recent.summary_ms()}}
         messages, errors = self.messages, self.errors
         return {"messages": messages, "errors": errors,
-                "error_rate": round(errors / messages, 4) if messages else 0.0, "kinds": kinds}
+                "error_rate": round(errors / messages, 4) if messages else 0.0,
+                "expired": self.expired, "refused": self.refused, "kinds": kinds}
 
 
 class ResourceSampler:

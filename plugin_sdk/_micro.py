@@ -25,7 +25,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ._wire import dumps
+from ._wire import dumps, send_reply
 
 if TYPE_CHECKING:
     from ._message import PluginInfo
@@ -222,7 +222,7 @@ async def subscribe_micro(runtime: PluginRuntime) -> list[Subscription]:
             if not msg.reply:
                 return
             try:
-                await runtime.nc.publish(msg.reply, dumps(build()))
+                await send_reply(runtime.nc, msg.reply, dumps(build()), None, plugin=runtime.config.name)
             except nats.errors.Error as exc:  # closing or reconnecting: the asker times out
                 runtime.log.debug("no micro reply on %s: %s", msg.subject, exc)
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from . import _tracing
 from ._errors import PluginNotFound
 from ._message import PluginInfo
-from ._wire import Subjects, dumps, request, response_from_msg
+from ._wire import Subjects, dumps, publish, request, response_from_msg
 
 __all__ = ["PluginRegistry", "VersionRecord"]
 
@@ -96,4 +96,5 @@ class PluginRegistry:
         Not traced, on purpose: every instance beats every 2 s, so one span per beat would bury
         the traces that matter in Jaeger under thousands of one-span traces an hour.
         """
-        await self._nc.publish(self._subjects.registry("heartbeat"), dumps(info.model_dump(mode="json")))
+        await publish(self._nc, self._subjects.registry("heartbeat"), dumps(info.model_dump(mode="json")),
+                      plugin=info.name, what="heartbeat")

@@ -20,7 +20,9 @@ import secrets
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -41,7 +43,9 @@ from ._errors import (
     PluginError,
     ProtocolMismatch,
     RequestTimeout,
+    ResourceError,
 )
+from ._logs import BoundedLog
 from ._message import SERVING, ErrorInfo, Health, HealthCheck, Message, MessageKind, PluginInfo, Response
 from ._messaging import PluginMessaging
 from ._metrics import EndpointStats, ResourceSampler, RuntimeStats
@@ -50,16 +54,17 @@ from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
 from ._state import StateStore, open_bucket
 from ._wire import (
-    E_INSTANCE,
     E_KIND,
     E_TIMEOUT,
     PROTOCOL_VERSION,
     Subjects,
+    bounded,
     drain_all,
     dumps,
     error_reply,
     message_from_msg,
     parse_envelope,
+    send_reply,
     success_reply,
 )
 
@@ -118,12 +123,18 @@ class PluginRuntime:
         self._refresher: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
+        self._queue: deque[_Job] = deque()  # requests waiting for a handler slot, oldest first
+        self._stopping_queue = False  # stop() is answering what is left: start nothing more
         self._expired: set[asyncio.Task[None]] = set()  # cancelled by the watchdog
+        self._abandoned: set[asyncio.Task[None]] = set()  # cancelled by stop() after its drain timeout
         self._watchdog: asyncio.Task[None] | None = None
-        self._sem = asyncio.Semaphore(self.config.max_concurrency)
+        #: Logs about what callers sent: bounded in size (bounded()) and in rate (this).
+        self._bad_input = BoundedLog(self.log)
+        self._loop: asyncio.AbstractEventLoop  # the loop start() ran on
         self._heartbeat: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
+        self._announced = False  # registered as "starting" while waiting for dependencies
         self.context: PluginContext | None = None
 
     # -- identity --------------------------------------------------------------------------
@@ -152,6 +163,7 @@ class PluginRuntime:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         self._start_called = time.time()
         name = self.config.name
         try:
@@ -181,6 +193,9 @@ class PluginRuntime:
         except BaseException:
             self.plugin.state = PluginState.FAILED
             await self._teardown_after_failure()
+            if self._announced:  # it told the registry it was starting: take that back
+                with contextlib.suppress(CommunicationError, nats.errors.Error):
+                    await self.registry.unregister_plugin(self.instance_id)
             raise
         if not self.register:
             return
@@ -202,6 +217,7 @@ class PluginRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.dependency_timeout
         next_note = loop.time() + 2.0
+        next_beat = loop.time()
         while True:
             missing: list[Dependency] = []
             problem = ""
@@ -213,14 +229,21 @@ class PluginRuntime:
                     missing.append(dep)
                     problem = f"; the registry did not answer: {exc}"
             if not missing:
+                self._health_reason = ""
                 return
             now = loop.time()
             if now >= deadline:
                 raise DependencyError(await self._describe_missing(missing) + problem, plugin=self.config.name)
+            waiting = f"waiting for {', '.join(str(d) for d in missing)} ({deadline - now:.0f}s left)"
             if now >= next_note:
-                self.log.info("%s waiting for %s (%.0fs left)", self.config.name,
-                              ", ".join(str(d) for d in missing), deadline - now)
+                self.log.info("%s %s", self.config.name, waiting)
                 next_note = now + 5.0
+            if self.register and now >= next_beat:  # `mesh ls` / `mesh load` show what it waits for
+                self._health_reason = waiting
+                self._announced = True
+                with contextlib.suppress(CommunicationError, nats.errors.Error):
+                    await self.registry.heartbeat(self.info())
+                next_beat = now + self.heartbeat_interval
             await asyncio.sleep(0.2)
 
     async def _describe_missing(self, missing: list[Dependency]) -> str:
@@ -326,13 +349,7 @@ class PluginRuntime:
         if not await drain_all(self._subs, timeout=drain_timeout):
             self.log.warning("subscriptions did not drain within %.1fs; unsubscribed", drain_timeout)
         self._subs.clear()
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.log.warning("cancelled %d handlers still running after %.1fs", len(pending), drain_timeout)
-                await asyncio.wait(pending)
+        await self._finish_requests(drain_timeout)
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -353,6 +370,26 @@ class PluginRuntime:
             except (CommunicationError, nats.errors.Error) as exc:
                 self.log.warning("could not unregister %s: %s", self.instance_id, exc)
         return ok
+
+    async def _finish_requests(self, timeout: float) -> None:
+        """Let running and queued requests finish within ``timeout``; then answer the rest, typed."""
+        deadline = self._loop.time() + timeout
+        while self._inflight and (remaining := deadline - self._loop.time()) > 0:
+            await asyncio.wait(set(self._inflight), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        self._stopping_queue = True
+        running = [t for t in self._inflight if not t.done()]
+        for task in running:
+            self._abandoned.add(task)
+            task.cancel()
+        left, self._queue = list(self._queue), deque()
+        for job in left:
+            self._start(job, refuse=CommunicationError(
+                f"{self.config.name} ({self.instance_id}) stopped before handling the request", plugin=self.config.name))
+        if running or left:
+            self.log.warning("stopped with %d handlers still running after %.1fs and %d requests queued: "
+                             "each was answered with an error", len(running), timeout, len(left))
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -378,79 +415,111 @@ class PluginRuntime:
         await self.nc.flush()  # the server has every subscription before we call ourselves serving
 
     async def _on_request(self, ep: EndpointStats, msg: Msg) -> None:
-        await self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
+        self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
 
     async def _on_broadcast(self, ep: EndpointStats, msg: Msg) -> None:
-        env = parse_envelope(msg.headers)
-        if env.get(E_INSTANCE) == self.instance_id:
-            return  # our own broadcast
-        await self._dispatch(msg, env, ep, broadcast=True)
+        if self.messaging.is_own_broadcast(msg.reply):
+            return  # our own broadcast, known by the reply inbox we own (not by a field anyone can set)
+        self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=True)
 
-    async def _dispatch(self, msg: Msg, env: dict[str, str], ep: EndpointStats, *, broadcast: bool) -> None:
-        # nats-py runs one subscription's callbacks one at a time: hand each message to its own
-        # task, bounded by max_concurrency (waiting here is the backpressure).
-        await self._sem.acquire()
+    def _dispatch(self, msg: Msg, env: dict[str, str], ep: EndpointStats, *, broadcast: bool) -> None:
+        """Start the request now if a handler slot is free, else queue it (bounded).
+
+        nats-py runs one subscription's callbacks one at a time, so this never waits: each request
+        gets its own task. Its deadline counts from *now*, its arrival: time spent queued behind
+        ``max_concurrency`` busy handlers is the caller's time too, and a request whose deadline
+        passed in the queue is answered RequestTimeout without running (``expired`` in the metrics).
+        """
         timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
-        task = _start_task(self._handle(msg, env, ep, broadcast, timeout))
-        self._inflight[task] = asyncio.get_running_loop().time() + timeout
-        task.add_done_callback(self._done)
-        if self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch_deadlines(), name=f"deadlines {self.instance_id}")
+        job = _Job(msg, env, ep, broadcast, timeout, self._loop.time() + timeout)
+        if len(self._inflight) < self.config.max_concurrency and not self._queue:
+            self._start(job)
+        elif len(self._queue) < self.config.max_queued:
+            self._queue.append(job)
+        else:
+            self.stats.refused += 1
+            self._start(job, refuse=ResourceError(
+                f"{self.config.name} is overloaded: {len(self._inflight)} handlers busy and {len(self._queue)} "
+                f"requests queued (max_queued = {self.config.max_queued})", plugin=self.config.name))
+
+    def _start(self, job: _Job, *, refuse: PluginError | None = None) -> None:
+        """Run ``job`` in a task of its own; with ``refuse``, answer it with that error instead."""
+        task = _start_task(self._handle(job, refuse), self._loop)
+        if not task.done():  # (3.12+: a handler that never waits has already finished, in place)
+            self._inflight[task] = job.deadline
+            task.add_done_callback(self._done)
+            if self._watchdog is None:
+                self._watchdog = asyncio.create_task(self._watch_deadlines(), name=f"deadlines {self.instance_id}")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
         self._expired.discard(task)
-        self._sem.release()
+        self._abandoned.discard(task)
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        while self._queue and len(self._inflight) < self.config.max_concurrency and not self._stopping_queue:
+            self._start(self._queue.popleft())
 
     async def _watch_deadlines(self) -> None:
         """Cancel handlers past their deadline: one timer for all, rather than one per message."""
         while True:
             await asyncio.sleep(DEADLINE_TICK)
-            now = asyncio.get_running_loop().time()
+            now = self._loop.time()
             for task, deadline in list(self._inflight.items()):
                 if deadline <= now and task not in self._expired and not task.done():
                     self._expired.add(task)
                     task.cancel()
+            while self._queue and self._queue[0].deadline <= now:  # expired while queued: answer, don't run
+                self._start(self._queue.popleft())
 
-    async def _handle(self, msg: Msg, env: dict[str, str], ep: EndpointStats, broadcast: bool,
-                      timeout: float) -> None:
+    async def _handle(self, job: _Job, refuse: PluginError | None = None) -> None:
+        msg, env, ep = job.msg, job.env, job.ep
         started = time.perf_counter()
         message_id = ""
-        kind = "broadcast" if broadcast else env.get(E_KIND, "command")
+        kind = "broadcast" if job.broadcast else env.get(E_KIND, "command")
         if kind not in _KINDS:
             kind = "command"  # an unknown kind is refused below; it must not grow the stats
         failure: str | None = None
         reply_headers: dict[str, str] | None
         try:
+            if refuse is not None:
+                raise refuse
+            waited = self._loop.time() - (job.deadline - job.timeout)
+            if self._loop.time() >= job.deadline:
+                self.stats.expired += 1
+                raise RequestTimeout(f"{self.config.name} did not start the request within its {job.timeout:g}s "
+                                     f"deadline: it waited {waited:.2f}s for one of {self.config.max_concurrency} "
+                                     "handler slots", plugin=self.config.name)
             proto = env.get("v", PROTOCOL_VERSION)
             if proto.split(".")[0] != PROTOCOL_VERSION:
                 raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
-                                       f"the message uses {proto}", plugin=self.config.name)
+                                       f"the message uses {bounded(proto, 40)}", plugin=self.config.name)
             if len(msg.data) > self.config.max_payload:
                 raise PayloadTooLarge(f"message of {len(msg.data)} bytes exceeds {self.config.name}'s "
                                       f"max_payload of {self.config.max_payload}", plugin=self.config.name)
             message = message_from_msg(msg, target=self.config.name, env=env)
             message_id = message.id
-            if _tracing.enabled():
+            if _tracing.enabled():  # (the attributes are not worth building otherwise: the hot path)
                 group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
-                with _tracing.consume(msg.subject, msg.headers, link=broadcast, attributes={
+                with _tracing.consume(msg.subject, msg.headers, link=job.broadcast, attributes={
                         "messaging.consumer.group.name": group, "messaging.message.id": message.id,
                         "mesh.operation": message.operation}):
-                    result = await self._invoke(message, timeout)
+                    result = await self._invoke(message, job.timeout)
             else:
-                result = await self._invoke(message, timeout)
+                result = await self._invoke(message, job.timeout)
             if isinstance(result, Response):
                 if result.error is not None:
                     body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
-                    failure = f"{result.error.type}: {result.error.message}"
+                    failure = bounded(f"{result.error.type}: {result.error.message}")
                 else:
-                    body, reply_headers = self._success(result.result, broadcast)
+                    body, reply_headers = self._success(result.result, job.broadcast)
             else:
-                body, reply_headers = self._success(result, broadcast)
+                body, reply_headers = self._success(result, job.broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
             self._log_failure(exc, msg)
             info = ErrorInfo.from_exception(exc, plugin=self.config.name)
-            failure = f"{info.type}: {info.message}"
+            failure = bounded(f"{info.type}: {info.message}")
             body, reply_headers = error_reply(info, message_id=message_id, instance=self.instance_id)
         elapsed = time.perf_counter() - started
         self.stats.record(ep, kind, elapsed, failure)
@@ -458,39 +527,42 @@ class PluginRuntime:
             self._instruments.record(kind, elapsed)
         if msg.reply:
             try:
-                await self.nc.publish(msg.reply, body, headers=reply_headers)
+                await send_reply(self.nc, msg.reply, body, reply_headers, message_id=message_id,
+                                 instance=self.instance_id, plugin=self.config.name)
             except nats.errors.Error as exc:
-                self.log.warning("could not reply on %s: %s", msg.subject, exc)
+                self._bad_input.warning("could not reply on %s: %s", msg.subject, exc)
 
     async def _invoke(self, message: Message, timeout: float) -> Any:
         try:
             return await self.plugin.handle_message(message)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if task is None or task not in self._expired:
-                raise  # shutting down: not ours to answer
-            task.uncancel()  # the watchdog's cancel: answer it as a timeout
-            raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
-                                 plugin=self.config.name) from None
+            if task is not None and task in self._expired:
+                task.uncancel()  # the watchdog's cancel: answer it as a timeout
+                raise RequestTimeout(f"{self.config.name} handler did not finish within {timeout:g}s",
+                                     plugin=self.config.name) from None
+            if task is not None and task in self._abandoned:
+                task.uncancel()  # stop() gave up waiting: tell the caller now rather than let it time out
+                raise CommunicationError(f"{self.config.name} ({self.instance_id}) stopped before its handler "
+                                         "finished", plugin=self.config.name) from None
+            raise
 
     def _success(self, result: Any, broadcast: bool) -> tuple[bytes, dict[str, str] | None]:
         # A direct reply needs no header (the caller knows what it asked); a broadcast reply names
         # its instance, so the sender can tell who answered and who is missing.
+        # Its size is checked as it goes out (send_reply): too big becomes a PayloadTooLarge error reply.
         try:
-            body, headers = success_reply(result, instance=self.instance_id if broadcast else None)
+            return success_reply(result, instance=self.instance_id if broadcast else None)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.config.name} returned a value that is not JSON-serialisable: {exc}") from None
-        if len(body) > self.nc.max_payload:
-            raise PayloadTooLarge(f"{self.config.name}'s reply of {len(body)} bytes exceeds the server's limit "
-                                  f"of {self.nc.max_payload}", plugin=self.config.name)
-        return body, headers
 
     def _log_failure(self, exc: BaseException, msg: Msg) -> None:
+        # Bounded: the text may echo what a caller sent (any NATS client can send anything).
         if isinstance(exc, PluginError):
-            self.log.info("%s on %s: %s", type(exc).__name__, msg.subject, exc)
+            self._bad_input.info("%s on %s: %s", type(exc).__name__, bounded(msg.subject, 200), bounded(str(exc)))
         else:
-            self.log.warning("handler raised %s on %s: %s", type(exc).__name__, msg.subject, exc,
-                             exc_info=self.log.isEnabledFor(logging.DEBUG))
+            self._bad_input.warning("handler raised %s on %s: %s", type(exc).__name__, bounded(msg.subject, 200),
+                                    bounded(str(exc)), exc_info=self.log.isEnabledFor(logging.DEBUG))
 
     async def _on_control(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
@@ -504,13 +576,15 @@ class PluginRuntime:
             self.stop_requested.set()
             result = {"stopping": self.instance_id}
         else:
-            body, headers = error_reply(ErrorInfo(type="UnknownOperation", message=f"unknown control verb {verb!r}",
-                                                  code=404), message_id="", instance=self.instance_id)
+            body, headers = error_reply(ErrorInfo(type="UnknownOperation", code=404,
+                                                  message=f"unknown control verb {bounded(verb, 80)!r}"),
+                                        message_id="", instance=self.instance_id)
             if msg.reply:
-                await self.nc.publish(msg.reply, body, headers=headers)
+                await send_reply(self.nc, msg.reply, body, headers, instance=self.instance_id, plugin=self.config.name)
             return
         if msg.reply:
-            await self.nc.publish(msg.reply, dumps(result))
+            await send_reply(self.nc, msg.reply, dumps(result), None, instance=self.instance_id,
+                             plugin=self.config.name)
 
     def _event_callback(self, handler: Callable[[Message], Awaitable[Any]],
                         ep: EndpointStats) -> Callable[[Msg], Awaitable[None]]:
@@ -549,11 +623,21 @@ class PluginRuntime:
             check = HealthCheck.unhealthy(f"health_check() raised {type(exc).__name__}: {exc}")
         if self._health not in SERVING and self._health != Health.UNHEALTHY:
             return HealthCheck(status=self._health, reason=self._health_reason)  # stop() began meanwhile
+        if check.status == Health.HEALTHY and (saturated := self.saturation()):
+            check = HealthCheck.degraded(saturated)
         if (check.status, check.reason) != (self._health, self._health_reason):
             log = self.log.info if check.status == Health.HEALTHY else self.log.warning
             log("%s is %s%s", self.instance_id, check.status.value, f": {check.reason}" if check.reason else "")
         self._health, self._health_reason = check.status, check.reason
         return check
+
+    def saturation(self) -> str:
+        """Why this instance is saturated (every handler slot busy, requests waiting), or ``""``."""
+        if not self._queue:
+            return ""
+        oldest = self._loop.time() - (self._queue[0].deadline - self._queue[0].timeout)
+        return (f"saturated: {len(self._inflight)}/{self.config.max_concurrency} handlers busy, "
+                f"{len(self._queue)} requests queued (oldest {oldest:.1f}s)")
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """What ``<prefix>.control.<instance>.metrics`` answers (see docs/subjects.md)."""
@@ -567,7 +651,7 @@ class PluginRuntime:
             "load_time_s": round(healthy_at - self.resources.created, 3) if healthy_at else None,
             "start_time_s": round(healthy_at - self._start_called, 3) if healthy_at else None,
             "restarts": int(self.supervision.get("restarts", 0)), "agent": self.supervision.get("agent", ""),
-            "inflight": len(self._inflight), "max_concurrency": c.max_concurrency,
+            "inflight": len(self._inflight), "max_concurrency": c.max_concurrency, "queued": len(self._queue),
             **self.stats.snapshot(), "resources": self.resources.sample(), "custom": self.metrics.snapshot(),
         }
 
@@ -579,10 +663,17 @@ class PluginRuntime:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            if self.nc.is_closed:
+                # Closed under us (not by stop()): alive but deaf is the one state we must not be in.
+                self.log.error("the NATS connection of %s is closed (%s); stopping so that it is restarted",
+                               self.instance_id, getattr(self.nc, "last_error", None) or "no error given")
+                self.restart_requested = True
+                self.stop_requested.set()
+                return
             await self.check_health()
             try:
                 await self.registry.heartbeat(self.info())
-            except nats.errors.Error as exc:  # reconnecting: the next beat will try again
+            except (nats.errors.Error, CommunicationError) as exc:  # reconnecting: the next beat will try again
                 self.log.debug("heartbeat not sent: %s", exc)
 
 
@@ -592,11 +683,30 @@ _KINDS = frozenset({"command", "query", "event"})
 DEADLINE_TICK = 0.05
 
 
-def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """A task that, on Python 3.12+, runs eagerly: a handler that never waits finishes in place."""
-    if sys.version_info >= (3, 12):
-        return asyncio.Task(coro, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-    return asyncio.create_task(coro)
+def _start_task(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
+    """A task that, on Python 3.12+, runs eagerly: a handler that never waits finishes in place.
+
+    ``loop`` must be given: ``asyncio.Task(..., eager_start=True)`` without it fails on 3.12 and
+    3.13 (the task looks for a running loop on ``None``), inside nats-py's callback, where nobody sees it.
+    """
+    if _EAGER:
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    return loop.create_task(coro)
+
+
+_EAGER = sys.version_info >= (3, 12)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request on its way through the runtime: received, maybe queued, then handled."""
+
+    msg: Msg
+    env: dict[str, str]
+    ep: EndpointStats
+    broadcast: bool
+    timeout: float  # seconds it may take, from its arrival
+    deadline: float  # loop time: arrival + timeout
 
 
 def _timeout(raw: str | None, default: float) -> float:

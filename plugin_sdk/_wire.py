@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -212,7 +213,58 @@ def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
+# Sizes: NATS counts the header block *and* the body against the server's ``max_payload``. A
+# message over it makes nats-server close the publisher's connection ("maximum payload
+# violation"), so every publish of ours is measured first (nats-py checks the body only).
+
+#: ``NATS/1.0\r\n`` before the header lines and ``\r\n`` after them.
+_HEADER_FRAME: Final = 12
+
+
+def message_size(body: bytes, headers: Mapping[str, str] | None) -> int:
+    """Bytes the server counts for this message: the header block (``NATS/1.0``, ``K: V`` lines) plus the body."""
+    if not headers:
+        return len(body)
+    size = _HEADER_FRAME + len(body)
+    for key, value in headers.items():
+        size += len(key) + len(value.encode()) + 4  # "K: V\r\n"
+    return size
+
+
+def check_size(nc: NATS, subject: str, body: bytes, headers: Mapping[str, str] | None, *,
+               plugin: str | None = None, what: str = "message") -> None:
+    """Raise :class:`PayloadTooLarge` if the server would refuse (and disconnect us for) this message."""
+    size = message_size(body, headers)
+    if size > nc.max_payload:
+        raise PayloadTooLarge(f"{what} of {size} bytes (headers and body) exceeds the server's limit of "
+                              f"{nc.max_payload} bytes", plugin=plugin, subject=subject)
+
+
+async def publish(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str] | None = None,
+                  reply: str = "", plugin: str | None = None, what: str = "message") -> None:
+    """``nc.publish`` after :func:`check_size`, with nats-py's connection errors typed."""
+    check_size(nc, subject, body, headers, plugin=plugin, what=what)
+    try:
+        await nc.publish(subject, body, reply=reply, headers=headers)
+    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+            nats.errors.OutboundBufferLimitError) as exc:
+        raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", plugin=plugin,
+                               subject=subject) from None
+
+
+def bounded(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut (for logs and error messages
+    about input someone else chose: one hostile message must not write megabytes of log)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters]"
+
+
+# ---------------------------------------------------------------------------------------------
 # Replies
+
+#: Longest error message a reply carries (the rest is cut, saying so): error replies stay small.
+ERROR_MESSAGE_LIMIT: Final = 4096
 
 def success_reply(result: Any, *, instance: str | None) -> tuple[bytes, dict[str, str] | None]:
     # The caller knows the message id already; a success carries only who answered.
@@ -223,13 +275,33 @@ def error_reply(info: ErrorInfo, *, message_id: str, instance: str | None) -> tu
     env = f"{PROTOCOL_VERSION};id={message_id}" if message_id else PROTOCOL_VERSION
     if instance:
         env += f";inst={instance}"
+    if len(info.message) > ERROR_MESSAGE_LIMIT:
+        info = info.model_copy(update={"message": bounded(info.message, ERROR_MESSAGE_LIMIT)})
     headers = {
         H_ENVELOPE: env,
         H_ERROR: info.message.replace("\r", " ").replace("\n", " ")[:1024],
         H_ERROR_CODE: str(info.code),
-        H_ERROR_TYPE: info.type,
+        H_ERROR_TYPE: info.type[:200],
     }
     return pydantic_core.to_json({"error": info.model_dump()}), headers
+
+
+async def send_reply(nc: NATS, reply: str, body: bytes, headers: dict[str, str] | None, *, message_id: str = "",
+                     instance: str | None = None, plugin: str | None = None) -> None:
+    """Publish a reply. One that the server would refuse for its size goes out as a typed
+    :class:`PayloadTooLarge` error reply instead (the caller learns why; our connection lives)."""
+    size = message_size(body, headers)
+    if size > nc.max_payload:
+        info = ErrorInfo(type="PayloadTooLarge", code=PayloadTooLarge.code, plugin=plugin,
+                         message=f"{plugin or 'the'} reply of {size} bytes (headers and body) exceeds the "
+                                 f"server's limit of {nc.max_payload} bytes")
+        body, headers = error_reply(info, message_id=message_id, instance=instance)
+    await nc.publish(reply, body, headers=headers)
+
+
+def is_no_responders(msg: Msg) -> bool:
+    """The server's "no responders" status (503), sent to a reply subject when nobody is subscribed."""
+    return bool(msg.headers) and msg.headers.get("Status") == "503" and not msg.data  # type: ignore[union-attr]
 
 
 def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
@@ -261,10 +333,7 @@ def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
 async def request(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str] | None, timeout: float,
                   plugin: str | None = None) -> Msg:
     """``nc.request`` with nats-py's errors turned into typed mesh errors."""
-    if len(body) > nc.max_payload:
-        raise PayloadTooLarge(
-            f"payload of {len(body)} bytes exceeds the server's limit of {nc.max_payload} bytes",
-            plugin=plugin, subject=subject)
+    check_size(nc, subject, body, headers, plugin=plugin, what="request")
     try:
         return await nc.request(subject, body, timeout=timeout, headers=headers)
     except nats.errors.NoRespondersError:
