@@ -7,6 +7,7 @@ Each test here reproduces a fault found when the mesh was tried under faults and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from typing import Any
@@ -301,3 +302,49 @@ async def test_an_instance_waiting_for_a_dependency_says_so_in_the_registry(
         return await client.get_plugin(runtime.instance_id) is None
 
     await eventually(gone, what="the failed instance to unregister")
+
+
+# -- 8: an iterating event consumer is part of the trace -------------------------------------
+
+RECEIVE_SPAN = '''
+import asyncio, json, sys
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import nats
+from plugin_sdk import PluginMessaging
+
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    publisher = PluginMessaging(nc, prefix=sys.argv[2], source="shop")
+    consumer = PluginMessaging(nc, prefix=sys.argv[2], source="mailer")
+    async with await consumer.subscribe_to_events("orders.*") as events:
+        await publisher.publish_event("orders.created", {"id": 7})
+        event = await events.next(timeout=5)
+    await nc.close()
+    print(json.dumps({"event": event.payload, "spans": [
+        {"name": s.name, "kind": s.kind.name, "trace": s.context.trace_id, "id": s.context.span_id,
+         "parent": s.parent.span_id if s.parent else None,
+         "links": [link.context.span_id for link in s.links]} for s in spans.get_finished_spans()]}))
+
+asyncio.run(main())
+'''
+
+
+async def test_an_event_read_from_subscribe_to_events_gets_a_receive_span(nats_server: NatsServer, prefix: str) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", RECEIVE_SPAN, nats_server.url, prefix,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    found = json.loads(out)
+    assert found["event"] == {"id": 7}
+    by_name = {s["name"]: s for s in found["spans"]}
+    publish, receive = by_name[f"publish {prefix}.event.orders.created"], by_name[f"receive {prefix}.event.orders.created"]
+    assert receive["kind"] == "CONSUMER" and receive["trace"] == publish["trace"]  # one trace
+    assert receive["parent"] == publish["id"] and receive["links"] == [publish["id"]]
