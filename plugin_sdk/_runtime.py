@@ -384,7 +384,8 @@ class PluginRuntime:
         left, self._queue = list(self._queue), deque()
         for job in left:
             self._start(job, refuse=CommunicationError(
-                f"{self.config.name} ({self.instance_id}) stopped before handling the request", plugin=self.config.name))
+                f"{self.config.name} ({self.instance_id}) stopped before handling the request",
+                plugin=self.config.name))
         if running or left:
             self.log.warning("stopped with %d handlers still running after %.1fs and %d requests queued: "
                              "each was answered with an error", len(running), timeout, len(left))
@@ -485,12 +486,11 @@ class PluginRuntime:
         try:
             if refuse is not None:
                 raise refuse
-            waited = self._loop.time() - (job.deadline - job.timeout)
-            if self._loop.time() >= job.deadline:
+            if (now := self._loop.time()) >= job.deadline:
                 self.stats.expired += 1
                 raise RequestTimeout(f"{self.config.name} did not start the request within its {job.timeout:g}s "
-                                     f"deadline: it waited {waited:.2f}s for one of {self.config.max_concurrency} "
-                                     "handler slots", plugin=self.config.name)
+                                     f"deadline: it waited {now - job.deadline + job.timeout:.2f}s for one of "
+                                     f"{self.config.max_concurrency} handler slots", plugin=self.config.name)
             proto = env.get("v", PROTOCOL_VERSION)
             if proto.split(".")[0] != PROTOCOL_VERSION:
                 raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "

@@ -19,8 +19,8 @@ from nats.aio.client import Client as NATS
 from mesh import NatsServer
 from plugin_sdk import (
     CommunicationError,
-    Health,
     HandlerError,
+    Health,
     Message,
     PayloadTooLarge,
     Plugin,
@@ -108,7 +108,7 @@ async def test_an_echo_of_a_max_payload_broadcast_becomes_a_typed_error_reply(
 
 
 async def test_an_event_over_the_limit_with_its_headers_is_refused_typed(nc: NATS, messaging: PluginMessaging) -> None:
-    with pytest.raises(PayloadTooLarge, match="event 'big.one'") as info:
+    with pytest.raises(PayloadTooLarge, match=r"event 'big\.one'") as info:
         await messaging.publish_event("big.one", "x" * (nc.max_payload - 2))
     assert info.value.plugin is None  # the event type is not a plugin (it used to be named as one)
     assert nc.is_connected
@@ -345,6 +345,7 @@ async def test_an_event_read_from_subscribe_to_events_gets_a_receive_span(nats_s
     found = json.loads(out)
     assert found["event"] == {"id": 7}
     by_name = {s["name"]: s for s in found["spans"]}
-    publish, receive = by_name[f"publish {prefix}.event.orders.created"], by_name[f"receive {prefix}.event.orders.created"]
+    subject = f"{prefix}.event.orders.created"
+    publish, receive = by_name[f"publish {subject}"], by_name[f"receive {subject}"]
     assert receive["kind"] == "CONSUMER" and receive["trace"] == publish["trace"]  # one trace
     assert receive["parent"] == publish["id"] and receive["links"] == [publish["id"]]
