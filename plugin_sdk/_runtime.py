@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -686,15 +685,19 @@ DEADLINE_TICK = 0.05
 def _start_task(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
     """A task that, on Python 3.12+, runs eagerly: a handler that never waits finishes in place.
 
-    ``loop`` must be given: ``asyncio.Task(..., eager_start=True)`` without it fails on 3.12 and
-    3.13 (the task looks for a running loop on ``None``), inside nats-py's callback, where nobody sees it.
+    Through ``asyncio.eager_task_factory(loop, coro)``, which passes the loop: ``asyncio.Task(coro,
+    eager_start=True)`` without ``loop=`` fails on 3.12 and 3.13 inside nats-py's callback, where
+    nobody sees it (no plugin answered anything there once).
     """
-    if _EAGER:
-        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    if _EAGER is not None:
+        task: asyncio.Task[None] = _EAGER(loop, coro)
+        return task
     return loop.create_task(coro)
 
 
-_EAGER = sys.version_info >= (3, 12)
+#: ``asyncio.eager_task_factory`` (Python 3.12+), else None.
+_EAGER: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio.Task[None]] | None = getattr(
+    asyncio, "eager_task_factory", None)
 
 
 @dataclass(slots=True)
