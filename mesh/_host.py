@@ -123,6 +123,5 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
         return 0 if ok else 1
     finally:
         await close(nc)
-        for flush in (flush_traces, flush_metrics):
-            if flush is not None:
-                await asyncio.to_thread(flush)  # the spans and metrics still queued go out before we exit
+        # The spans and metrics still queued go out before we exit, together, within FLUSH_TIMEOUT.
+        await asyncio.gather(*(asyncio.to_thread(flush) for flush in (flush_traces, flush_metrics) if flush))

@@ -13,27 +13,98 @@ Metrics are opt-in, because the usual trace backend (Jaeger) takes no metrics:
 scrape endpoint at ``OTEL_EXPORTER_PROMETHEUS_HOST``:``OTEL_EXPORTER_PROMETHEUS_PORT`` (default
 ``localhost:9464``; port ``0`` picks a free one, logged), and needs the ``prometheus`` extra. OTLP
 metrics are pushed every ``OTEL_METRIC_EXPORT_INTERVAL`` ms (default 60000).
+
+The ``console`` exporters write to **stderr**, so a command's result on stdout stays clean.
+
+The final flush (what :func:`setup_tracing` and :func:`setup_metrics` return) is bounded to
+:data:`FLUSH_TIMEOUT` seconds whatever the exporter's own timeout (``OTEL_EXPORTER_OTLP_TIMEOUT``,
+retries included): past it, the exporter is shut down, what was not exported is dropped, and one
+warning says so. A process with an unreachable collector therefore stops in about two seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from plugin_sdk import ConfigError
 
-__all__ = ["setup_metrics", "setup_tracing"]
+__all__ = ["FLUSH_TIMEOUT", "setup_metrics", "setup_tracing"]
 
 log = logging.getLogger("mesh.telemetry")
+
+#: Seconds the final flush of spans and metrics may take at exit, whatever the exporter's timeout.
+FLUSH_TIMEOUT = 2.0
+
+
+class _CountingExporter(SpanExporter):
+    """Delegates to ``inner`` and counts the spans whose export failed (to say so at exit)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.failed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.inner.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            self.failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """At exit, the OTLP exporters' retry warnings are noise: one line of ours says what was lost."""
+    logger = logging.getLogger("opentelemetry.exporter")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _bounded(what: str, shutdown: Callable[[], object], abort: Callable[[], object],
+             timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Run ``shutdown`` (which exports what is left) for at most ``timeout`` seconds; past that,
+    ``abort`` (the exporter's shutdown, which ends its retries) and give up. True if it finished.
+
+    The flush runs in a daemon thread: one still stuck in an HTTP call after ``abort`` is left
+    behind rather than holding the process up."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            shutdown()
+        except Exception:  # an exporter failing at exit must not turn a clean stop into a crash
+            log.warning("%s: the final flush failed", what, exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"mesh {what} flush", daemon=True).start()
+    if done.wait(timeout):
+        return True
+    with contextlib.suppress(Exception):  # best effort: it only shortens the exporter's retries
+        abort()
+    done.wait(0.2)
+    return False
 
 
 def _env(*names: str) -> str:
@@ -48,15 +119,28 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
         return None
     exporter: SpanExporter
     if exporter_name == "console":
-        exporter = ConsoleSpanExporter()
+        exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout carries command results
     elif exporter_name in ("", "otlp"):
         exporter = _otlp_exporter("traces")
     else:
         raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported here: use otlp, console or none")
+    counting = _CountingExporter(exporter)
     provider = TracerProvider(resource=_resource(service_name, version, instance_id))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(counting))
     trace.set_tracer_provider(provider)
-    return provider.shutdown
+    target = endpoint or exporter_name
+
+    def flush() -> None:
+        with _quiet_exporters():
+            finished = _bounded("traces", provider.shutdown, exporter.shutdown)
+        if not finished:
+            log.warning("spans not exported to %s within %gs at exit: dropped (is the collector reachable?)",
+                        target, FLUSH_TIMEOUT)
+        elif counting.failed:
+            log.warning("%d span(s) could not be exported to %s: dropped (is the collector reachable?)",
+                        counting.failed, target)
+
+    return flush
 
 
 def _resource(service_name: str, version: str, instance_id: str) -> Resource:
@@ -88,7 +172,7 @@ def setup_metrics(service_name: str, *, version: str = "", instance_id: str = ""
         if name == "otlp":
             readers.append(PeriodicExportingMetricReader(_otlp_exporter("metrics")))
         elif name == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
         elif name == "prometheus":
             reader, close = _prometheus()
             readers.append(reader)
@@ -99,8 +183,18 @@ def setup_metrics(service_name: str, *, version: str = "", instance_id: str = ""
     provider = MeterProvider(resource=_resource(service_name, version, instance_id), metric_readers=readers)
     metrics.set_meter_provider(provider)
 
+    def abort() -> None:
+        for reader in readers:
+            exporter = getattr(reader, "_exporter", None)  # a periodic reader's; ends its retries
+            if exporter is not None:
+                exporter.shutdown(timeout_millis=0)
+
     def shutdown() -> None:
-        provider.shutdown()
+        with _quiet_exporters():
+            finished = _bounded("metrics", lambda: provider.shutdown(timeout_millis=FLUSH_TIMEOUT * 1000), abort)
+        if not finished:
+            log.warning("metrics not exported within %gs at exit: dropped (is the collector reachable?)",
+                        FLUSH_TIMEOUT)
         for close in closers:
             close()
 
