@@ -81,10 +81,12 @@ def stats(
     """Metrics of every instance: messages, errors, latency p50/p95/p99, in-flight, CPU, memory, fds,
     restarts, load time (``<prefix>.control.<instance>.metrics``)."""
     rows = _run(_with_nc(nats_url, lambda nc: collect(nc, prefix=_prefix(prefix), name=name, timeout=timeout)))
+    if name and not rows:  # said once, as `mesh ls NAME` says it
+        raise _fail(f"no instance of {name!r} is registered")
     if as_json:
         _print_json([r.as_json() for r in rows])
     elif not rows:
-        err.print("no plugin instances registered" + (f" named {name!r}" if name else ""))
+        err.print("no plugin instances registered")
     else:
         out.print(stats_table(rows))
         if name:
@@ -94,8 +96,6 @@ def stats(
         for r in rows:
             if r.error:
                 err.print(f"[yellow]{r.info.id}[/yellow]: no metrics ({escape(r.error)})")
-    if name and not rows:
-        raise _fail(f"no instance of {name!r} is registered")
 
 
 def top_view(rows: list[InstanceMetrics], interval: float) -> Group:

@@ -32,6 +32,7 @@ packages = ["{package}"]
 
 [tool.pytest.ini_options]
 asyncio_mode = "auto"
+asyncio_default_fixture_loop_scope = "function"
 pythonpath = ["."]
 '''
 

@@ -51,6 +51,25 @@ from ._cli_trace import root_span, show_trace, trace_cmd
 from ._connect import close, connect, default_url
 from ._service import stop_on_signals
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        import platform
+
+        from . import __version__
+
+        out.print(f"groundhog-mesh {__version__} (Python {platform.python_version()})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """groundhog: a distributed plugin mesh over NATS."""
+
+
 # --------------------------------------------------------------------------------------------
 # Running things
 
@@ -128,24 +147,51 @@ def run(
     if reload:
         from ._reload import run_with_reload
 
-        child_args = ["--nats", nats_url or default_url(), "--prefix", _prefix(prefix),
-                      "--heartbeat-interval", str(heartbeat_interval)]
+        # The URL (which may hold a password) goes to the child in its environment, never on its command line.
+        child_args = ["--prefix", _prefix(prefix), "--heartbeat-interval", str(heartbeat_interval)]
         if config:
             child_args += ["--config", str(config)]
 
         def say(line: str) -> None:
-            err.print(f"[green]mesh[/green] {line}", highlight=False)
+            err.print(f"[green]mesh[/green] {escape(line)}", highlight=False)
 
         raise typer.Exit(_run(run_with_reload(ref, child_args, config_path=str(config) if config else None,
-                                              say=say, instance_id=instance_id)))
+                                              say=say, instance_id=instance_id, nats_url=nats_url or default_url())))
     if instance_id is not None:
         try:
             validate_name(instance_id, what="instance id")
         except ValueError as exc:
             raise _fail(str(exc)) from None
     code = _run(run_plugin(ref, config_path=str(config) if config else None, nats_url=nats_url,
-                           prefix=_prefix(prefix), heartbeat_interval=heartbeat_interval, instance_id=instance_id))
+                           prefix=_prefix(prefix), heartbeat_interval=heartbeat_interval, instance_id=instance_id,
+                           ready=_ready_event()))
     raise typer.Exit(code)
+
+
+class _FdReady(asyncio.Event):
+    """Set once the plugin serves: also writes one byte to ``fd`` and closes it (how `mesh run
+    --reload` learns that a reload worked; the pipe closing without a byte means it failed)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd: int | None = fd
+
+    def set(self) -> None:
+        super().set()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.write(fd, b"1")
+            except OSError:  # the watcher went away: nobody to tell
+                pass
+            finally:
+                os.close(fd)
+
+
+def _ready_event() -> asyncio.Event | None:
+    """``MESH_READY_FD`` (set by `mesh run --reload` for its child): the fd to signal readiness on."""
+    raw = os.environ.pop("MESH_READY_FD", "")
+    return _FdReady(int(raw)) if raw.isdigit() else None
 
 
 @app.command()
@@ -207,11 +253,13 @@ def ls(
     """List plugin instances: name, version, instance, health, uptime, host."""
     infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_plugins(
         name, version=version)))
+    if name and not infos:  # a named plugin with no instance is an error (plain `mesh ls` is not)
+        raise _fail(f"no instance of {name!r} is registered" + (f" in version range {version!r}" if version else ""))
     if as_json:
         _print_json([i.model_dump(mode="json") | {"uptime": round(i.uptime, 3)} for i in infos])
         return
     if not infos:
-        err.print("no plugin instances registered" + (f" named {name!r}" if name else ""))
+        err.print("no plugin instances registered")
         return
     troubled = any(i.restarts or i.last_error for i in infos)
     table = Table("name", "version", "instance", "health", "uptime", "host", *(

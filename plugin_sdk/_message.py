@@ -219,7 +219,10 @@ class PluginInfo(BaseModel):
 
     @property
     def uptime(self) -> float:
-        return max(0.0, time.time() - self.started_at)
+        """Seconds since it started; for an instance that stopped beating (``unhealthy``, ``failed``),
+        up to when it was last seen, so that a dead instance's uptime does not keep growing."""
+        end = self.last_seen if self.health in (Health.UNHEALTHY, Health.FAILED) and self.last_seen else time.time()
+        return max(0.0, end - self.started_at)
 
 
 @dataclass
