@@ -29,17 +29,24 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from plugin_sdk import Health, InvalidMessage, PluginInfo, VersionRecord
+from plugin_sdk import Health, InitializationError, InvalidMessage, PluginError, PluginInfo, VersionRecord
 from plugin_sdk._config import check_range, version_matches
-from plugin_sdk._message import SERVING, new_id
+from plugin_sdk._message import SERVING
 from plugin_sdk._state import open_bucket
+from plugin_sdk._tasks import TaskOwner, every
 from plugin_sdk._wire import (
-    H_ENVELOPE,
-    PROTOCOL_VERSION,
     Subjects,
     drain_all,
     dumps,
+    envelope_tail,
+    event_headers,
+    health_event,
+    kv_delete_headers,
+    kv_subject,
     loads,
+    publish,
+    registry_instance_key,
+    registry_versions_key,
 )
 
 from ._service import json_handler
@@ -49,6 +56,8 @@ __all__ = ["RegistryService"]
 log = logging.getLogger("mesh.registry")
 
 QUEUE = "registry"
+#: The registry's envelope tail: its events come from source ``registry``.
+_TAIL = envelope_tail("registry", None)
 
 
 class RegistryService:
@@ -64,8 +73,12 @@ class RegistryService:
         self._kv: KeyValue | None = None
         self._cache = _Cache()
         self._subs: list[Subscription] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        #: The one owner of the KV watcher and the sweeper; either dying by surprise fails the service.
+        self._tasks = TaskOwner("registry", log, on_failure=lambda name, exc: self.failed.set())
+        #: Set when a loop of this replica died: it can no longer serve correctly (``mesh registry`` exits 1).
+        self.failed = asyncio.Event()
         self._ready = asyncio.Event()
+        self._watch_error = ""  # why the watcher last failed to (re)start, for start()'s error
         self._watcher: KeyValue.KeyWatcher | None = None
         self._watch_epoch = 0
 
@@ -81,11 +94,22 @@ class RegistryService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
+    async def start(self, *, ready_timeout: float = 15.0) -> None:
+        """Load the bucket into the cache, then serve. Raises InitializationError (and serves
+        nothing) if the cache cannot be loaded within ``ready_timeout`` seconds."""
         self._kv = await open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
                                      description="groundhog mesh registry")
-        self._tasks.append(asyncio.create_task(self._watch(), name="registry watcher"))
-        await self._ready.wait()
+        watcher = self._tasks.spawn(self._watch(), name="KV watcher")
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait({ready, watcher}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            why = (f"its KV watcher died: {type(watcher.exception()).__name__}: {watcher.exception()}"
+                   if watcher.done() and not watcher.cancelled() and watcher.exception() else
+                   f"the bucket was not loaded within {ready_timeout:g}s"
+                   + (f" ({self._watch_error})" if self._watch_error else ""))
+            await self._tasks.close()
+            raise InitializationError(f"the registry cannot start: {why}")
         handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "register": self._register, "unregister": self._unregister, "get": self._get,
             "list": self._list, "versions": self._list_versions,
@@ -97,7 +121,7 @@ class RegistryService:
         # Heartbeats are not traced (they carry no traceparent): see PluginRegistry.heartbeat.
         self._subs.append(await self.nc.subscribe(self.subjects.registry("heartbeat"), queue=QUEUE,
                                                   cb=self._on_heartbeat))
-        self._tasks.append(asyncio.create_task(self._sweep(), name="registry sweeper"))
+        self._tasks.spawn(every(self.sweep_interval, self._sweep, log=log, what="registry sweep"), name="sweeper")
         log.info("registry serving %s.registry.* (bucket %s)", self.subjects.prefix, self.subjects.registry_bucket)
 
     async def stop(self) -> None:
@@ -105,12 +129,7 @@ class RegistryService:
         subs, self._subs = self._subs, []
         if not await drain_all(subs, timeout=5.0):
             log.warning("registry subscriptions did not drain within 5s; unsubscribed")
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
 
     # -- the cache ---------------------------------------------------------------------
 
@@ -122,9 +141,18 @@ class RegistryService:
         replaying every key into a new cache that replaces the old one whole.
         """
         assert self._kv is not None
+        retry = 0.5
         while True:
             self._watch_epoch = self.nc.stats["reconnects"]
-            self._watcher = watcher = await self._kv.watchall()
+            try:
+                self._watcher = watcher = await self._kv.watchall()
+            except (nats.errors.Error, OSError) as exc:  # JetStream away (e.g. reconnecting): try again
+                self._watch_error = f"{type(exc).__name__}: {exc}"
+                log.warning("registry watcher not started (%s); retrying in %.1fs", self._watch_error, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, 5.0)
+                continue
+            retry, self._watch_error = 0.5, ""
             fresh: _Cache | None = _Cache()
             try:
                 async for entry in watcher:
@@ -134,6 +162,9 @@ class RegistryService:
                         self._ready.set()
                         continue
                     (fresh or self._cache).apply(entry.key, entry.value, entry.revision or 0, entry.operation)
+            except nats.errors.Error as exc:  # the watcher's consumer failed: a new one replays everything
+                self._watch_error = f"{type(exc).__name__}: {exc}"
+                log.warning("registry watcher failed (%s); starting a new one", self._watch_error)
             finally:
                 with contextlib.suppress(nats.errors.Error):
                     await watcher.stop()  # type: ignore[no-untyped-call]
@@ -157,7 +188,7 @@ class RegistryService:
         """Write ``info`` (only over revision ``last`` when given: KeyWrongLastSequenceError else)."""
         assert self._kv is not None
         info = info.model_copy(update={"last_seen": time.time()})
-        key, data = f"instances.{info.id}", dumps(info.model_dump(mode="json"))
+        key, data = registry_instance_key(info.id), dumps(info.model_dump(mode="json"))
         rev = await (self._kv.update(key, data, last=last) if last else self._kv.put(key, data))
         # Read-your-writes on this replica, unless the watcher already saw something newer (an
         # unregister that overtook this write must win).
@@ -166,16 +197,14 @@ class RegistryService:
     async def _delete_instance(self, ident: str, *, last: int | None = None) -> None:
         """Delete the key and forget it here, at the delete's own revision."""
         assert self._kv is not None
-        headers = {"KV-Operation": "DEL"}
-        if last:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
-        ack = await self.nc.jetstream().publish(f"$KV.{self.subjects.registry_bucket}.instances.{ident}",
-                                                b"", headers=headers)
-        self._cache.apply(f"instances.{ident}", None, ack.seq, "DEL")
+        key = registry_instance_key(ident)
+        ack = await self.nc.jetstream().publish(kv_subject(self.subjects.registry_bucket, key), b"",
+                                                headers=kv_delete_headers(last=last))
+        self._cache.apply(key, None, ack.seq, "DEL")
 
     async def _record_version(self, info: PluginInfo) -> None:
         assert self._kv is not None
-        key = f"versions.{info.name}"
+        key = registry_versions_key(info.name)
         for _ in range(10):  # compare-and-set loop: replicas may record at the same time
             try:
                 entry = await self._kv.get(key)
@@ -283,31 +312,30 @@ class RegistryService:
         return out
 
     async def _sweep(self) -> None:
-        """Forget instances silent for ``expire_after`` seconds (only if unchanged since we looked)."""
+        """One sweep (run by :func:`every`): restart the watcher after a reconnect, mark late
+        instances unhealthy, forget those silent for ``expire_after`` (only if unchanged since we looked)."""
         assert self._kv is not None
-        while True:
-            await asyncio.sleep(self.sweep_interval)
-            if self.nc.stats["reconnects"] != self._watch_epoch and self._watcher is not None and self.nc.is_connected:
-                try:  # _watch then starts a new watcher (and resets the epoch)
-                    await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self.nc.stats["reconnects"] != self._watch_epoch and self._watcher is not None and self.nc.is_connected:
+            try:  # _watch then starts a new watcher (and resets the epoch)
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+            except nats.errors.Error as exc:
+                log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
+        now = time.time()
+        for ident, (info, rev) in list(self._cache.instances.items()):
+            if info.health in SERVING and self._late(info, now):
+                await self._mark_unhealthy(info, rev)
+            if now - info.last_seen > self.expire_after and info.health != Health.FAILED:
+                # (a failed instance stays listed, with its reason, until its agent unloads it)
+                try:
+                    await self._delete_instance(ident, last=rev)
+                    log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
+                    await self._announce(info, previous=info.health.value, gone=True)
+                except nats.js.errors.APIError:
+                    # The revision moved on: it beat meanwhile (the watcher brings the news),
+                    # or it is gone already, and then this cache must forget it too.
+                    await self._forget_if_gone(ident)
                 except nats.errors.Error as exc:
-                    log.debug("watcher restart deferred: %s", exc)  # retried at the next sweep
-            now = time.time()
-            for ident, (info, rev) in list(self._cache.instances.items()):
-                if info.health in SERVING and self._late(info, now):
-                    await self._mark_unhealthy(info, rev)
-                if now - info.last_seen > self.expire_after and info.health != Health.FAILED:
-                    # (a failed instance stays listed, with its reason, until its agent unloads it)
-                    try:
-                        await self._delete_instance(ident, last=rev)
-                        log.info("forgot %s: silent for %.0fs", ident, now - info.last_seen)
-                        await self._announce(info, previous=info.health.value, gone=True)
-                    except nats.js.errors.APIError:
-                        # The revision moved on: it beat meanwhile (the watcher brings the news),
-                        # or it is gone already, and then this cache must forget it too.
-                        await self._forget_if_gone(ident)
-                    except nats.errors.Error as exc:
-                        log.debug("sweep deferred: %s", exc)
+                    log.debug("sweep deferred: %s", exc)
 
     async def _mark_unhealthy(self, info: PluginInfo, rev: int) -> None:
         """Store the transition once (compare-and-set: one replica wins) and announce it."""
@@ -315,7 +343,8 @@ class RegistryService:
         changed = info.model_copy(update={"health": Health.UNHEALTHY,
                                           "health_reason": f"no heartbeat for {time.time() - info.last_seen:.1f}s"})
         try:
-            new_rev = await self._kv.update(f"instances.{info.id}", dumps(changed.model_dump(mode="json")), last=rev)
+            new_rev = await self._kv.update(registry_instance_key(info.id), dumps(changed.model_dump(mode="json")),
+                                            last=rev)
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # it beat meanwhile, or another replica stored the transition first
         except nats.errors.Error as exc:
@@ -329,19 +358,19 @@ class RegistryService:
         """Publish event ``mesh.health.<name>`` so dependants learn of the change (at most once)."""
         payload = {"id": info.id, "name": info.name, "version": info.version, "health": info.health.value,
                    "reason": info.health_reason, "previous": previous, "gone": gone, "last_error": info.last_error}
-        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()};src=registry"}
         try:
-            await self.nc.publish(self.subjects.event(f"mesh.health.{info.name}"), dumps(payload), headers=headers)
-        except nats.errors.Error as exc:
+            await publish(self.nc, self.subjects.event(health_event(info.name)), dumps(payload),
+                          headers=event_headers(_TAIL), what="health event")
+        except (nats.errors.Error, PluginError) as exc:
             log.debug("health event not sent: %s", exc)
 
     async def _forget_if_gone(self, ident: str) -> None:
         assert self._kv is not None
         try:
-            await self._kv.get(f"instances.{ident}")
+            await self._kv.get(registry_instance_key(ident))
         except nats.js.errors.KeyNotFoundError as gone:
             rev = gone.entry.revision if gone.entry is not None and gone.entry.revision else 0
-            self._cache.apply(f"instances.{ident}", None, max(rev, self._cache.revision(ident) + 1), "DEL")
+            self._cache.apply(registry_instance_key(ident), None, max(rev, self._cache.revision(ident) + 1), "DEL")
 
 
 def _str_field(body: Any, field: str) -> str:

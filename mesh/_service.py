@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError, _tracing
 from plugin_sdk._wire import error_reply, loads, send_reply, success_reply
 
-__all__ = ["json_handler", "stop_on_signals"]
+__all__ = ["json_handler", "stop_on_signals", "wait_any"]
 
 
 @contextlib.contextmanager
@@ -33,6 +33,18 @@ def stop_on_signals(stop: asyncio.Event | None = None) -> Iterator[asyncio.Event
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def wait_any(*events: asyncio.Event) -> asyncio.Event:
+    """Wait until one of ``events`` is set; return it (e.g. a stop signal or a service's ``failed``)."""
+    waiters = {asyncio.ensure_future(e.wait()): e for e in events}
+    try:
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        return waiters[next(iter(done))]
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitable[Any]], *, instance: str,

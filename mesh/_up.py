@@ -23,7 +23,7 @@ from ._connect import close, connect, redact
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
 from ._registry import RegistryService
-from ._service import stop_on_signals
+from ._service import stop_on_signals, wait_any
 from ._telemetry import setup_tracing
 
 __all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]
@@ -119,21 +119,24 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
     nc = await connect(url, name="mesh up", wait=5)
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
+    code = 0
     try:
         # The registry and the agent log their own "serving …" line: no second one here.
-        async with RegistryService(nc, prefix=prefix), Agent(
+        async with RegistryService(nc, prefix=prefix) as registry, Agent(
                 nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
                 cwd=base_dir) as agent:
             started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
             say(f"up on {redact(url)} (prefix {prefix!r}); Ctrl-C stops it")
-            await stop.wait()
+            if await wait_any(stop, registry.failed) is registry.failed:
+                say("the registry failed (see the log above); stopping")
+                code = 1
             say("stopping plugins")
             await stop_in_reverse(agent, started)
     finally:
         await close(nc)
         if flush_traces is not None:
             await asyncio.to_thread(flush_traces)
-    return 0
+    return code
 
 
 def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path | None,

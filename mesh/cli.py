@@ -49,7 +49,7 @@ from ._cli_common import (
 )
 from ._cli_trace import root_span, show_trace, trace_cmd
 from ._connect import close, connect, default_url
-from ._service import stop_on_signals
+from ._service import stop_on_signals, wait_any
 
 
 def _show_version(value: bool) -> None:
@@ -214,8 +214,9 @@ def registry(
             nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
             try:
                 async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
-                                           expire_after=expire_after):
-                    await stop.wait()
+                                           expire_after=expire_after) as service:
+                    if await wait_any(stop, service.failed) is service.failed:
+                        return 1  # a loop of it died (logged with its traceback): a supervisor restarts it
             finally:
                 await close(nc)
                 if flush_traces is not None:

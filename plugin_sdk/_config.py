@@ -33,8 +33,8 @@ __all__ = [
 #: Plugin names become NATS subject tokens and KV bucket names.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
-# SemVer 2.0.0 (https://semver.org), the official regular expression.
-_SEMVER_RE = re.compile(
+#: SemVer 2.0.0 (https://semver.org), the official regular expression (NATS micro's schemas use it too).
+SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
@@ -51,7 +51,7 @@ def validate_name(name: str, *, what: str = "plugin name") -> str:
 
 
 def validate_semver(version: str) -> str:
-    if not _SEMVER_RE.match(version):
+    if not SEMVER_RE.match(version):
         raise ValueError(f"invalid version {version!r}: expected SemVer such as '1.2.3' or '2.0.0-rc.1'")
     return version
 

@@ -22,15 +22,15 @@ from ._errors import CommunicationError, InvalidMessage, PermissionDenied, Plugi
 from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
-    H_ENVELOPE,
-    H_METADATA,
-    PROTOCOL_VERSION,
+    MESH_EVENTS,
     Subjects,
     bounded,
     check_event_type,
     check_size,
     check_token,
     dumps,
+    envelope_tail,
+    event_headers,
     is_no_responders,
     message_from_msg,
     publish,
@@ -200,7 +200,7 @@ class PluginMessaging:
         self._timeout = default_timeout
         self._subscriptions: set[EventSubscription] = set()
         # The envelope's constant tail, and event subjects already checked (the publish hot path).
-        self._env_tail = f";src={self._source}" + (f";inst={source_instance}" if source_instance else "")
+        self._env_tail = envelope_tail(self._source, source_instance)
         self._event_subjects: dict[str, str] = {}
         #: Reply inboxes of the broadcasts this object is sending now (see :meth:`is_own_broadcast`).
         self._own_inboxes: set[str] = set()
@@ -368,7 +368,7 @@ class PluginMessaging:
         subject = self._event_subjects.get(event_type)
         if subject is None:
             check_event_type(event_type)
-            if event_type.split(".", 1)[0] == "mesh" and self._instance is not None:
+            if event_type.split(".", 1)[0] == MESH_EVENTS and self._instance is not None:
                 raise PermissionDenied(f"{self._source} may not publish {event_type!r}: event types under "
                                        "'mesh.' are the mesh's own (e.g. mesh.health.<name>)", plugin=self._source)
             self._allow("publish", self._perms.publish if self._perms else None, event_type)
@@ -378,9 +378,7 @@ class PluginMessaging:
             self._event_subjects[event_type] = subject
         body = self._encode_payload(payload, subject, None)
         # The kind is implied by the subject; build the envelope without a Message (hot path).
-        headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};id={new_id()}{self._env_tail}"}
-        if metadata:
-            headers[H_METADATA] = dumps(Message(metadata=metadata).metadata).decode()
+        headers = event_headers(self._env_tail, Message(metadata=metadata).metadata if metadata else None)
         if _tracing.enabled():
             with _tracing.produce(subject, operation="publish") as carrier:
                 headers.update(carrier)

@@ -25,6 +25,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ._config import SEMVER_RE  # the schemas' ``semver`` pattern is SemVer 2.0.0's own
 from ._wire import dumps, send_reply
 
 if TYPE_CHECKING:
@@ -61,12 +62,6 @@ STATS_RESPONSE_TYPE: Final = "io.nats.micro.v1.stats_response"
 
 #: Service and endpoint names (the schemas' ``basic_name``).
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-#: SemVer 2.0.0, the schemas' ``semver`` pattern.
-SEMVER_RE: Final = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
 _TOKEN_UNSAFE = re.compile(r"[.*>\s]")
 
 # Metadata keys of the service (every response): where the instance runs and what it is.

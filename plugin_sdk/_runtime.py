@@ -52,6 +52,7 @@ from ._micro import subscribe_micro
 from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
 from ._state import StateStore, open_bucket
+from ._tasks import TaskOwner, every
 from ._wire import (
     E_KIND,
     E_TIMEOUT,
@@ -61,6 +62,7 @@ from ._wire import (
     drain_all,
     dumps,
     error_reply,
+    health_event,
     message_from_msg,
     parse_envelope,
     send_reply,
@@ -119,6 +121,9 @@ class PluginRuntime:
         self.healthy_at: float | None = None
         self._start_called = 0.0
         self._instruments: _otel_metrics.MeshInstruments | None = None  # when OTel metrics are on
+        #: The one owner of this instance's loops: heartbeats, the deadline watchdog, the OTel refresher.
+        #: (Handler tasks are request-scoped: each lives in ``_inflight`` until it has replied.)
+        self._tasks = TaskOwner(f"plugin {self.instance_id}", self.log, on_failure=self._loop_died)
         self._refresher: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
@@ -131,6 +136,7 @@ class PluginRuntime:
         self._bad_input = BoundedLog(self.log)
         self._loop: asyncio.AbstractEventLoop  # the loop start() ran on
         self._heartbeat: asyncio.Task[None] | None = None
+        self._deaf = False  # the connection was found closed under us
         self._started = False
         self._stopped = False
         self._announced = False  # registered as "starting" while waiting for dependencies
@@ -187,8 +193,13 @@ class PluginRuntime:
             if _otel_metrics.enabled():
                 self._instruments = _otel_metrics.MeshInstruments(self.metrics_snapshot)
                 self._instruments.refresh()
-                self._refresher = asyncio.create_task(self._refresh_instruments(self._instruments),
-                                                      name=f"metrics {self.instance_id}")
+                instruments = self._instruments
+
+                async def refresh() -> None:
+                    instruments.refresh()
+
+                self._refresher = self._tasks.spawn(every(1.0, refresh, log=self.log, what="OTel metrics refresh"),
+                                                    name="metrics")
         except BaseException:
             self.plugin.state = PluginState.FAILED
             await self._teardown_after_failure()
@@ -203,7 +214,8 @@ class PluginRuntime:
             await self.registry.register_plugin(self.info())
         except CommunicationError as exc:
             self.log.warning("registry unavailable (%s); heartbeats will register this instance", exc)
-        self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"heartbeat {self.instance_id}")
+        self._heartbeat = self._tasks.spawn(every(self.heartbeat_interval, self._beat, log=self.log, what="heartbeat"),
+                                            name="heartbeats")
 
     def _check_protocol(self) -> None:
         check_protocol(self.config)
@@ -260,7 +272,7 @@ class PluginRuntime:
         """Tell the plugin (hook) when an instance of a dependency changes health."""
         names = {d.name for d in self.config.dependencies}
         for name in sorted(names):
-            self._subs.append(await self.nc.subscribe(self.subjects.event(f"mesh.health.{name}"),
+            self._subs.append(await self.nc.subscribe(self.subjects.event(health_event(name)),
                                                       cb=self._on_dependency_event))
 
     async def _on_dependency_event(self, msg: Msg) -> None:
@@ -334,11 +346,8 @@ class PluginRuntime:
         self._stopped = True
         self._health = Health.STOPPING
         self.plugin.state = PluginState.STOPPING
-        for task in (self._heartbeat, self._refresher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.cancel(self._heartbeat)
+        await self._tasks.cancel(self._refresher)
         if self._instruments is not None:
             self._instruments.latest = {}  # the meter keeps its callbacks: a stopped instance reports nothing
         if self.register:
@@ -349,11 +358,8 @@ class PluginRuntime:
             self.log.warning("subscriptions did not drain within %.1fs; unsubscribed", drain_timeout)
         self._subs.clear()
         await self._finish_requests(drain_timeout)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
+        await self._tasks.close()  # the deadline watchdog, last: deadlines hold while draining
+        self._watchdog = None
         await self.messaging.close()
         ok = True
         try:
@@ -449,7 +455,7 @@ class PluginRuntime:
             self._inflight[task] = job.deadline
             task.add_done_callback(self._done)
             if self._watchdog is None:
-                self._watchdog = asyncio.create_task(self._watch_deadlines(), name=f"deadlines {self.instance_id}")
+                self._watchdog = self._tasks.spawn(self._watch_deadlines(), name="deadlines")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
@@ -654,26 +660,33 @@ class PluginRuntime:
             **self.stats.snapshot(), "resources": self.resources.sample(), "custom": self.metrics.snapshot(),
         }
 
-    async def _refresh_instruments(self, instruments: _otel_metrics.MeshInstruments) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            instruments.refresh()
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            if self.nc.is_closed:
+    async def _beat(self) -> None:
+        """One heartbeat: health check, then tell the registry (run by :func:`every`)."""
+        if self.nc.is_closed:
+            if not self._deaf:
                 # Closed under us (not by stop()): alive but deaf is the one state we must not be in.
+                self._deaf = True
                 self.log.error("the NATS connection of %s is closed (%s); stopping so that it is restarted",
                                self.instance_id, getattr(self.nc, "last_error", None) or "no error given")
-                self.restart_requested = True
-                self.stop_requested.set()
-                return
-            await self.check_health()
-            try:
-                await self.registry.heartbeat(self.info())
-            except (nats.errors.Error, CommunicationError) as exc:  # reconnecting: the next beat will try again
-                self.log.debug("heartbeat not sent: %s", exc)
+                self._restart(f"{self.instance_id}'s NATS connection is closed")
+            return
+        await self.check_health()
+        try:
+            await self.registry.heartbeat(self.info())
+        except (nats.errors.Error, CommunicationError) as exc:  # reconnecting: the next beat will try again
+            self.log.debug("heartbeat not sent: %s", exc)
+
+    def _restart(self, why: str) -> None:
+        """Stop this instance and exit so that its agent starts it again (exit code 75)."""
+        self.log.warning("%s stops to be restarted: %s", self.instance_id, why)
+        self.restart_requested = True
+        self.stop_requested.set()
+
+    def _loop_died(self, name: str, exc: BaseException) -> None:
+        # A loop of ours ended by surprise (logged with its traceback by TaskOwner): without it this
+        # instance cannot keep its promises (deadlines, heartbeats), so it stops, loudly, to be restarted.
+        if not self._stopped:
+            self._restart(f"{name} died")
 
 
 _KINDS = frozenset({"command", "query", "event"})

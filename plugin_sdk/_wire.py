@@ -45,6 +45,12 @@ H_ERROR: Final = "Nats-Service-Error"
 H_ERROR_CODE: Final = "Nats-Service-Error-Code"
 H_ERROR_TYPE: Final = "Mesh-Error-Type"
 
+# JetStream's own, for the KV writes we make by hand (a delete that must not overtake a newer value).
+H_KV_OPERATION: Final = "KV-Operation"
+H_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+#: nats-server's status header (a ``503`` on a reply subject: no responders).
+H_STATUS: Final = "Status"
+
 #: Envelope fields: message id, source plugin, source instance, kind, operation, timeout (s).
 E_ID, E_SOURCE, E_INSTANCE, E_KIND, E_OPERATION, E_TIMEOUT = "id", "src", "inst", "kind", "op", "t"
 #: Envelope values may not contain these (they delimit fields).
@@ -93,12 +99,52 @@ class Subjects:
     def control(self, instance_id: str, verb: str) -> str:
         return f"{self.prefix}.control.{instance_id}.{verb}"
 
+    def agent(self, agent: str, verb: str) -> str:
+        """A command to one machine's agent (``load``, ``unload``, ``reload``, ``list``)."""
+        return f"{self.prefix}.agent.{agent}.{verb}"
+
+    @property
+    def agents_list(self) -> str:
+        """Every agent answers here (no queue group): how the CLI finds them."""
+        return f"{self.prefix}.agents.list"
+
     @property
     def registry_bucket(self) -> str:
         return f"{self.prefix}_registry"
 
     def state_bucket(self, name: str) -> str:
         return f"{self.prefix}_state_{name}"
+
+
+#: Event types under ``mesh.`` are the mesh's own; plugin instances may not publish them.
+MESH_EVENTS: Final = "mesh"
+
+
+def health_event(name: str) -> str:
+    """The event type the registry announces health changes of plugin ``name`` with."""
+    return f"{MESH_EVENTS}.health.{name}"
+
+
+# Keys of the registry bucket: one per instance, one per plugin name (every version seen).
+def registry_instance_key(instance_id: str) -> str:
+    return f"instances.{instance_id}"
+
+
+def registry_versions_key(name: str) -> str:
+    return f"versions.{name}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject JetStream stores ``key`` of KV bucket ``bucket`` under."""
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_delete_headers(*, last: int | None = None) -> dict[str, str]:
+    """Headers of a KV delete marker, optionally only if the key is still at revision ``last``."""
+    headers = {H_KV_OPERATION: "DEL"}
+    if last:
+        headers[H_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
+    return headers
 
 
 _EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -139,6 +185,19 @@ def check_token(value: str, *, what: str) -> str:
     if not value or _ENVELOPE_UNSAFE.search(value):
         raise InvalidMessage(f"invalid {what} {value!r}: no ';', '=' or whitespace, not empty")
     return value
+
+
+def envelope_tail(source: str, instance: str | None) -> str:
+    """The constant part of a sender's envelopes: ``;src=…[;inst=…]`` (computed once per sender)."""
+    return f";{E_SOURCE}={source}" + (f";{E_INSTANCE}={instance}" if instance else "")
+
+
+def event_headers(tail: str, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """An event's envelope: ``Mesh: 1;id=<new>`` plus the sender's ``tail`` (the kind is in the subject)."""
+    headers = {H_ENVELOPE: f"{PROTOCOL_VERSION};{E_ID}={new_id()}{tail}"}
+    if metadata:
+        headers[H_METADATA] = pydantic_core.to_json(metadata).decode()
+    return headers
 
 
 def request_headers(message: Message, *, timeout: float | None = None) -> dict[str, str]:
@@ -301,7 +360,7 @@ async def send_reply(nc: NATS, reply: str, body: bytes, headers: dict[str, str] 
 
 def is_no_responders(msg: Msg) -> bool:
     """The server's "no responders" status (503), sent to a reply subject when nobody is subscribed."""
-    return bool(msg.headers) and msg.headers.get("Status") == "503" and not msg.data  # type: ignore[union-attr]
+    return bool(msg.headers) and msg.headers.get(H_STATUS) == "503" and not msg.data  # type: ignore[union-attr]
 
 
 def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:

@@ -10,7 +10,15 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import NatsServer, RegistryService, close, connect, free_port
-from plugin_sdk import CommunicationError, Health, InvalidMessage, PluginInfo, PluginMessaging, PluginRegistry
+from plugin_sdk import (
+    CommunicationError,
+    Health,
+    InitializationError,
+    InvalidMessage,
+    PluginInfo,
+    PluginMessaging,
+    PluginRegistry,
+)
 from tests.conftest import eventually
 
 
@@ -193,3 +201,44 @@ async def test_health_changes_are_announced_once_across_replicas(nc: NATS, prefi
         assert gone.payload["gone"] is True
         with pytest.raises(TimeoutError):  # two replicas, yet every change was announced once
             await events.next(timeout=0.5)
+
+
+async def test_a_registry_whose_watcher_cannot_start_fails_to_start_saying_so(tmp_path: Path) -> None:
+    # The KV watcher (a JetStream consumer) is refused: start() used to wait for it forever.
+    conf = ('authorization: { users: [ {user: reg, password: pw, '
+            'permissions: { publish: { deny: ["$JS.API.CONSUMER.>"] } } } ] }')
+    server = NatsServer(tmp_path / "nats", config=conf)
+    await server.astart()
+    nc = await connect(f"nats://reg:pw@127.0.0.1:{server.port}", name="test")
+    try:
+        service = RegistryService(nc, prefix="denied")
+        with pytest.raises(InitializationError, match="the registry cannot start: the bucket was not loaded within 2s"):
+            await asyncio.wait_for(service.start(ready_timeout=2), 30)  # (the hang guard; the bound is 2 s)
+        assert service.instance_ids == set()
+    finally:
+        await close(nc)
+        server.stop()
+
+
+async def test_a_sweep_that_raises_is_logged_and_the_sweeper_goes_on(
+        nc: NATS, prefix: str, client: PluginRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    failures = 0
+
+    class Flaky(RegistryService):
+        async def _sweep(self) -> None:
+            nonlocal failures
+            failures += 1
+            if failures <= 3:
+                raise RuntimeError(f"sweep {failures} went wrong")
+            await super()._sweep()
+
+    async with Flaky(nc, prefix=prefix, sweep_interval=0.05, missed_beats=1) as service:
+        await client.register_plugin(info("svc-late", interval=0.1))
+
+        async def marked() -> bool:  # only a sweep that runs again marks the silent instance
+            found = await client.get_plugin("svc-late")
+            return found is not None and found.health == Health.UNHEALTHY
+
+        await eventually(marked, what="the sweeper to carry on after its failures")
+        assert not service.failed.is_set()
+    assert "registry sweep failed (it will run again" in caplog.text
