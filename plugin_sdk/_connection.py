@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import ssl
+from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from nats.aio.client import Client
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE_CONNECTION
 
 from ._errors import ConnectionFailed
+from ._logs import BoundedLog
 
 __all__ = ["MeshClient", "close", "connect", "parse_urls", "redact"]
 
@@ -105,7 +107,26 @@ class MeshClient(Client):
     handles itself, by reconnecting or by reporting), nats-py closes the client for good. Here,
     any such error but an authorization error is logged at ERROR and goes through nats-py's own
     reconnect path instead: the same client object reconnects and resubscribes.
+
+    It also keeps what nats-py reports only to ``error_cb``: :attr:`dropped` counts the messages
+    each subscription lost as a slow consumer (its pending queue full), by subscription subject.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Messages dropped because the subscription's pending queue was full, by subscription subject.
+        self.dropped: Counter[str] = Counter()
+        self._async_log = BoundedLog(log, burst=1, period=10.0)  # once per burst, then a count
+
+    def note_async_error(self, exc: Exception) -> None:
+        """Count and log (at WARNING, once per burst) an error nats-py reported asynchronously."""
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            subject = exc.sub.subject if exc.sub is not None else exc.subject
+            self.dropped[subject] += 1
+            self._async_log.warning("slow consumer: messages dropped on subscription %s (%d so far); its handler "
+                                    "is not keeping up", subject, self.dropped[subject])
+        else:
+            self._async_log.warning("NATS reported: %s", _describe(exc))
 
     async def _process_err(self, err_msg: str) -> None:
         text = err_msg.strip().strip("'")
@@ -171,11 +192,13 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
     connecting = True
 
     async def on_error(exc: Exception) -> None:
-        log.debug("nats: %s", _describe(exc))
-        if connecting:
-            seen.append(exc)
-            if _is_fatal(exc) and limit:  # waiting will not help: end the connect now
-                limit[0].reschedule(asyncio.get_running_loop().time())
+        if not connecting:
+            nc.note_async_error(exc)
+            return
+        log.debug("nats: %s", _describe(exc))  # while connecting: the failure message says it
+        seen.append(exc)
+        if _is_fatal(exc) and limit:  # waiting will not help: end the connect now
+            limit[0].reschedule(asyncio.get_running_loop().time())
 
     async def on_disconnect() -> None:
         if not (nc.is_closed or nc.is_draining):  # a close of our own is not news

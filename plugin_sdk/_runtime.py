@@ -644,6 +644,11 @@ class PluginRuntime:
         return (f"saturated: {len(self._inflight)}/{self.config.max_concurrency} handlers busy, "
                 f"{len(self._queue)} requests queued (oldest {oldest:.1f}s)")
 
+    def _dropped(self) -> dict[str, int]:
+        """Messages each of our subscriptions lost as a slow consumer (counted by MeshClient)."""
+        counts: dict[str, int] = getattr(self.nc, "dropped", {})
+        return {sub.subject: counts[sub.subject] for sub in self._subs if counts.get(sub.subject)}
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """What ``<prefix>.control.<instance>.metrics`` answers (see docs/subjects.md)."""
         c, now = self.config, time.time()
@@ -657,6 +662,7 @@ class PluginRuntime:
             "start_time_s": round(healthy_at - self._start_called, 3) if healthy_at else None,
             "restarts": int(self.supervision.get("restarts", 0)), "agent": self.supervision.get("agent", ""),
             "inflight": len(self._inflight), "max_concurrency": c.max_concurrency, "queued": len(self._queue),
+            "dropped": self._dropped(),
             **self.stats.snapshot(), "resources": self.resources.sample(), "custom": self.metrics.snapshot(),
         }
 

@@ -31,6 +31,7 @@ from plugin_sdk import (
     RequestTimeout,
     ResourceError,
     command,
+    on_event,
 )
 from plugin_sdk._wire import message_size, response_from_msg
 from tests.conftest import eventually
@@ -349,3 +350,40 @@ async def test_an_event_read_from_subscribe_to_events_gets_a_receive_span(nats_s
     publish, receive = by_name[f"publish {subject}"], by_name[f"receive {subject}"]
     assert receive["kind"] == "CONSUMER" and receive["trace"] == publish["trace"]  # one trace
     assert receive["parent"] == publish["id"] and receive["links"] == [publish["id"]]
+
+
+# -- slow consumers: counted and logged once per burst ---------------------------------------
+
+class Sluggish(Plugin):
+    name = "sluggish"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.seen = 0
+
+    @on_event("flood.*")
+    async def on_flood(self, event: Message) -> None:
+        self.seen += 1
+        await self.release.wait()
+
+
+async def test_slow_consumer_drops_are_counted_per_subscription_and_logged_once_per_burst(
+        nc: NATS, prefix: str, messaging: PluginMessaging, caplog: pytest.LogCaptureFixture) -> None:
+    plugin = Sluggish()
+    async with PluginRuntime(plugin, nc, prefix=prefix, register=False) as runtime:
+        (sub,) = [s for s in runtime._subs if s.subject == f"{prefix}.event.flood.*"]
+        sub._pending_bytes_limit = 64  # fault injection: a tiny pending buffer, so a burst overflows it
+        with caplog.at_level(logging.WARNING, logger="mesh.nats"):
+            for i in range(50):
+                await messaging.publish_event(f"flood.{i}", {"i": i})
+            await nc.flush()
+
+            async def dropped() -> dict[str, int]:
+                return runtime.metrics_snapshot()["dropped"]
+
+            counts = await eventually(dropped, what="drops to be counted")
+        plugin.release.set()
+    assert list(counts) == [f"{prefix}.event.flood.*"] and counts[f"{prefix}.event.flood.*"] >= 10
+    lines = [r for r in caplog.records if "slow consumer" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]  # one line per burst, not one per message
