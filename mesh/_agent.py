@@ -8,6 +8,10 @@ seconds mark it ``failed`` in the registry with the last error, and it is left d
 
 Commands, request/reply on ``<prefix>.agent.<agent>.<verb>``: ``load``, ``unload``, ``reload``,
 ``list``; every agent also answers ``<prefix>.agents.list`` (no queue group) for discovery.
+
+A child that is alive but stopped heartbeating (wedged: a blocked event loop, SIGSTOP) for
+``unresponsive_after`` seconds is killed with SIGKILL, and so restarted like any crash. Its stderr
+is always read to the end (long lines are cut, never fatal), so logging never wedges a child.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,7 +34,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from plugin_sdk import (
@@ -45,14 +50,26 @@ from plugin_sdk import (
 from plugin_sdk._config import load_config_text, validate_name
 from plugin_sdk._natsd import child_preexec
 from plugin_sdk._runtime import check_protocol, new_instance_id
-from plugin_sdk._wire import Subjects, loads
+from plugin_sdk._wire import Subjects, dumps, loads, request, response_from_msg
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
+from ._secrets import redact_url
 from ._service import json_handler
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
 
 log = logging.getLogger("mesh.agent")
+
+#: A relayed line of a child's output longer than this (bytes) is cut, with a marker saying by how much.
+MAX_LINE = 16 * 1024
+#: How much of a child's output the relay reads at once.
+READ_CHUNK = 64 * 1024
+#: Relayed output waiting for a slow stderr, at most (characters); more is dropped, and counted.
+STDERR_BACKLOG = 1 << 20
+#: How long to wait for a child to be gone after SIGKILL before giving up on it.
+REAP_TIMEOUT = 10.0
+
+_INFOS = TypeAdapter(list[PluginInfo])
 
 
 def default_agent_name() -> str:
@@ -101,11 +118,79 @@ class Placement:
     crashes: deque[float] = field(default_factory=deque)
     stopping: bool = False
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    #: Set when the agent killed the running child for missing its heartbeats: the reason to record.
+    unresponsive: str = ""
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "ref": self.ref, "name": self.name, "version": self.version,
                 "state": self.state, "restarts": self.restarts, "last_error": self.last_error,
                 "pid": self.proc.pid if self.proc and self.proc.returncode is None else None}
+
+
+class _StderrSink:
+    """Relayed output goes to our stderr from one thread: a slow stderr never blocks the event loop.
+
+    At most ``backlog`` characters wait; past that, lines are dropped and counted, and the count is
+    written once there is room again. (Blocking the loop would stop every relay, and so every child.)
+    """
+
+    def __init__(self, backlog: int = STDERR_BACKLOG) -> None:
+        self._backlog = backlog
+        self._lines: deque[str] = deque()
+        self._size = 0
+        self._dropped = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def write(self, line: str) -> None:
+        """Queue ``line``; never blocks (beyond a short lock)."""
+        with self._cond:
+            if self._size + len(line) > self._backlog:
+                self._dropped += 1
+                return
+            if self._thread is None or self._closed:
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="mesh-agent-stderr", daemon=True)
+                self._thread.start()
+            self._lines.append(line)
+            self._size += len(line)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closed:
+                    self._cond.wait()
+                if not self._lines:
+                    return  # closed, and everything written
+                text = "".join(self._lines)
+                self._lines.clear()
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                text += f"[agent] {dropped} relayed line(s) dropped: stderr was too slow\n"
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed or broken: there is no one left to tell
+                continue
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for up to ``timeout``), then end the thread. Blocking: call it in a thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+
+def describe_health(info: PluginInfo | None) -> str:
+    """``starting: waiting for tally >=1 (25s left)``: an instance's health in the registry, and why."""
+    if info is None:
+        return "not registered yet"
+    return f"{info.health.value}: {info.health_reason}" if info.health_reason else info.health.value
 
 
 def _exit_reason(code: int) -> str:
@@ -123,7 +208,8 @@ class Agent:
     def __init__(self, nc: NATS, *, nats_url: str, name: str | None = None, prefix: str = "mesh",
                  data_dir: Path | None = None, heartbeat_interval: float = 2.0, restart_limit: int = 5,
                  restart_window: float = 60.0, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 stable_after: float = 10.0, cwd: Path | None = None) -> None:
+                 stable_after: float = 10.0, cwd: Path | None = None,
+                 unresponsive_after: float | None = None) -> None:
         self.nc = nc
         self.nats_url = nats_url
         self.name = validate_name(name or default_agent_name(), what="agent name")
@@ -136,9 +222,14 @@ class Agent:
         self.backoff_max = backoff_max
         self.stable_after = stable_after
         self.cwd = cwd or Path.cwd()
+        #: A running child whose heartbeats stopped this long ago (seconds) is killed, then restarted.
+        self.unresponsive_after = (unresponsive_after if unresponsive_after is not None
+                                   else max(10.0, 5 * heartbeat_interval))
         self.registry = PluginRegistry(nc, prefix=prefix)
         self.placements: dict[str, Placement] = {}
         self._subs: list[Subscription] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._stderr = _StderrSink()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -168,15 +259,23 @@ class Agent:
             self._subs.append(await self.nc.subscribe(self.subject(verb), cb=cb))
         cb = json_handler(self.nc, label, "list", self._list, instance=self.name, log=log)
         self._subs.append(await self.nc.subscribe(f"{self.subjects.prefix}.agents.list", cb=cb))
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_heartbeats(), name=f"agent {self.name} heartbeat watch")
         log.info("agent %s serving %s.*", self.name, self.subject("")[:-1])
 
     async def stop(self, *, timeout: float = 20.0) -> None:
         """Stop serving, then stop every instance (SIGTERM, drain); safe to call twice."""
+        watch, self._watch = self._watch, None
+        if watch is not None:  # first: nothing is killed for silence while it is being stopped
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         await asyncio.gather(*(self._stop_placement(p, timeout=timeout) for p in list(self.placements.values())))
+        await asyncio.to_thread(self._stderr.close)
 
     def subject(self, verb: str) -> str:
         return f"{self.subjects.prefix}.agent.{self.name}.{verb}"
@@ -187,7 +286,7 @@ class Agent:
                    config_name: str = "", instances: int = 1) -> list[str]:
         """Validate REF (and its config) here, then start ``instances`` supervised instances."""
         # Importing here gives a typed refusal before anything starts; the child imports afresh.
-        cls = await asyncio.to_thread(load_plugin_class, ref)
+        cls = await asyncio.to_thread(self._import, ref)
         if config_toml is not None:
             config = load_config_text(config_toml, base=cls.default_config(), source=config_name or "plugin.toml")
             config_path = self.data_dir / "configs" / f"{config.name}-{time.time_ns()}.toml"
@@ -203,6 +302,20 @@ class Agent:
             p.task = asyncio.create_task(self._supervise(p), name=f"supervise {p.instance_id}")
             ids.append(p.instance_id)
         return ids
+
+    def _import(self, ref: str) -> type[Any]:
+        """``load_plugin_class`` as a child in ``cwd`` sees it; a missing module says where it was looked for."""
+        if str(self.cwd) not in sys.path:  # a child runs `python -m mesh` in cwd: cwd is on its path
+            sys.path.append(str(self.cwd))
+        try:
+            return load_plugin_class(ref)
+        except InitializationError as exc:
+            if "no module named" not in str(exc):
+                raise
+            raise InitializationError(
+                f"{exc}; REF is imported on the machine of agent {self.name!r} (host {socket.gethostname()}), "
+                f"in its working directory {self.cwd}: the module must be importable there (installed in the "
+                "agent's Python environment, or a package under that directory)", plugin=exc.plugin) from None
 
     async def unload(self, target: str, *, timeout: float = 20.0) -> list[str]:
         """Stop every instance of plugin ``target``, or the one instance with that id."""
@@ -227,8 +340,10 @@ class Agent:
         return replaced
 
     async def wait_healthy(self, instance_id: str, *, timeout: float = 30.0) -> PluginInfo:
-        """Until the registry lists ``instance_id`` as healthy; RequestTimeout (and the log tail) else."""
+        """Until the registry lists ``instance_id`` as healthy; RequestTimeout (with its registry health and
+        reason, and the log tail) else."""
         deadline = time.monotonic() + timeout
+        info: PluginInfo | None = None
         while True:
             p = self.placements.get(instance_id)
             if p is not None and p.state == "failed":
@@ -239,20 +354,21 @@ class Agent:
                     return info
             if time.monotonic() > deadline:
                 tail = " | ".join(p.log_tail) if p else ""
-                raise RequestTimeout(f"{instance_id} not healthy within {timeout:g}s {tail}".strip(),
-                                     plugin=p.name if p else None)
+                raise RequestTimeout(f"{instance_id} not healthy within {timeout:g}s ({describe_health(info)}) "
+                                     f"{tail}".strip(), plugin=p.name if p else None)
             await asyncio.sleep(0.05)
 
     async def _stop_placement(self, p: Placement, *, timeout: float = 20.0) -> None:
         p.stopping = True
-        if p.proc is not None and p.proc.returncode is None:
-            p.proc.send_signal(signal.SIGTERM)  # the host drains, stops, cleans up, unregisters
+        proc = p.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # the host drains, stops, cleans up, unregisters
+            proc.send_signal(signal.SIGCONT)  # (as systemd does: a stopped process acts on SIGTERM only then)
             try:
-                await asyncio.wait_for(p.proc.wait(), timeout)
+                await asyncio.wait_for(proc.wait(), timeout)  # ends once its output is read to the end, too
             except TimeoutError:
                 log.warning("%s did not stop within %.0fs; killing it", p.instance_id, timeout)
-                p.proc.kill()
-                await p.proc.wait()
+                await self._kill_and_reap(p, proc)
                 with contextlib.suppress(CommunicationError):
                     await self.registry.unregister_plugin(p.instance_id)
         if p.task is not None:
@@ -265,32 +381,39 @@ class Agent:
         p.state = "stopped"
         self.placements.pop(p.instance_id, None)
 
+    async def _kill_and_reap(self, p: Placement, proc: asyncio.subprocess.Process) -> None:
+        """SIGKILL, then wait (bounded) until it is gone: never hang a stop on one child."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        try:
+            await asyncio.wait_for(proc.wait(), REAP_TIMEOUT)
+        except TimeoutError:  # its output pipe is held open (say, by a grandchild it left behind)
+            log.error("%s (pid %d) still not reaped %.0fs after SIGKILL; leaving it", p.instance_id, proc.pid,
+                      REAP_TIMEOUT)
+
     # -- supervision -----------------------------------------------------------------------
 
     async def _supervise(self, p: Placement) -> None:
-        """Run the child; on a crash restart it with backoff, until told to stop or over the limit."""
-        try:
-            while not p.stopping:
-                retrying = AsyncRetrying(
-                    retry=retry_if_exception_type(ChildCrashed),
-                    wait=wait_exponential(multiplier=self.backoff_base, max=self.backoff_max),
-                    stop=self._over_limit(p), reraise=True, before_sleep=self._note_restart(p))
-                try:
-                    async for attempt in retrying:
-                        with attempt:
-                            await self._run_child(p)
-                    return  # exited 0 by itself (e.g. a control stop), or told to stop
-                except ChildCrashed as crash:
-                    if crash.ran_for >= self.stable_after and not self._too_many(p) and not p.stopping:
-                        p.restarts += 1  # it had been fine for a while: restart now, fresh backoff
-                        continue
-                    await self._mark_failed(p, crash.reason)
-                    return
-        except asyncio.CancelledError:
-            if p.proc is not None and p.proc.returncode is None:
-                p.proc.kill()
-                await p.proc.wait()
-            raise
+        """Run the child; on a crash restart it with backoff, until told to stop or over the limit.
+
+        Cancelled, it kills a running child first (``_run_child`` does, on its way out).
+        """
+        while not p.stopping:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(ChildCrashed),
+                wait=wait_exponential(multiplier=self.backoff_base, max=self.backoff_max),
+                stop=self._over_limit(p), reraise=True, before_sleep=self._note_restart(p))
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._run_child(p)
+                return  # exited 0 by itself (e.g. a control stop), or told to stop
+            except ChildCrashed as crash:
+                if crash.ran_for >= self.stable_after and not self._too_many(p) and not p.stopping:
+                    p.restarts += 1  # it had been fine for a while: restart now, fresh backoff
+                    continue
+                await self._mark_failed(p, crash.reason)
+                return
 
     def _too_many(self, p: Placement) -> bool:
         now = time.monotonic()
@@ -316,26 +439,40 @@ class Agent:
         return before_sleep
 
     async def _run_child(self, p: Placement) -> None:
-        cmd = [sys.executable, "-m", "mesh", "run", p.ref, "--nats", self.nats_url, "--prefix",
-               self.subjects.prefix, "--heartbeat-interval", str(self.heartbeat_interval),
-               "--instance-id", p.instance_id]
+        cmd = [sys.executable, "-m", "mesh", "run", p.ref, "--prefix", self.subjects.prefix,
+               "--heartbeat-interval", str(self.heartbeat_interval), "--instance-id", p.instance_id]
         if p.config_path is not None:
             cmd += ["--config", str(p.config_path)]
-        env = dict(os.environ, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts), MESH_LAST_ERROR=p.last_error)
+        # The URL (it may hold a password) goes in the environment: anyone on the machine can read a
+        # process's command line, only its user its environment. `mesh run` reads MESH_NATS_URL.
+        env = dict(os.environ, MESH_NATS_URL=self.nats_url, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts),
+                   MESH_LAST_ERROR=p.last_error)
         started, started_wall = time.monotonic(), time.time()
-        p.proc = await asyncio.create_subprocess_exec(
+        p.unresponsive = ""
+        proc = p.proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, preexec_fn=child_preexec)
         p.state = "running"
-        assert p.proc.stderr is not None
-        await self._relay_output(p, p.proc.stderr)
-        code = await p.proc.wait()
+        assert proc.stderr is not None
+        relay = asyncio.create_task(self._relay_output(p, proc.stderr), name=f"relay {p.instance_id}")
+        try:
+            code = await proc.wait()  # returns once the child exited *and* the relay read all it wrote
+            await relay
+        finally:  # cancelled (stop, unload) or failed: the child and its relay go too
+            if proc.returncode is None:
+                await self._kill_and_reap(p, proc)
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
         if code == 0 or p.stopping:
             p.state = "exited" if not p.stopping else p.state
             return
-        reason = _exit_reason(code)
-        detail = next((line for line in reversed(p.log_tail) if "error" in line.lower()), "")
-        p.last_error = f"{reason}: {detail}" if detail else reason
+        if p.unresponsive:  # the agent killed it: that is the reason, not what it last logged
+            p.last_error = p.unresponsive
+        else:
+            reason = _exit_reason(code)
+            detail = next((line for line in reversed(p.log_tail) if "error" in line.lower()), "")
+            p.last_error = f"{reason}: {detail}" if detail else reason
         p.crashes.append(time.monotonic())
         # Only a run that got as far as serving (it registered) counts as "stable": a plugin that
         # dies slowly in start-up (say, a dependency timeout) must still end up failed.
@@ -351,11 +488,97 @@ class Agent:
         return info is not None and info.started_at >= since - 1.0
 
     async def _relay_output(self, p: Placement, stream: asyncio.StreamReader) -> None:
-        """Pass the child's log lines on (prefixed with its id) and keep the last few for errors."""
-        while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip()
-            p.log_tail.append(text[-300:])
-            sys.stderr.write(f"[{p.instance_id}] {text}\n")
+        """Pass the child's log lines on (prefixed with its id) and keep the last few for errors; until EOF.
+
+        It reads chunks and splits them itself, so no line is too long: a line past ``MAX_LINE`` bytes
+        is cut, with a marker. The pipe must always be drained: a child writing to a full pipe blocks,
+        and with it its replies and heartbeats (and ``proc.wait()`` waits for the pipe's end).
+        """
+        line = bytearray()
+        cut = 0  # bytes of the current line beyond MAX_LINE, dropped
+        while chunk := await stream.read(READ_CHUNK):
+            start = 0
+            while True:
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start:end]
+                room = MAX_LINE - len(line)
+                line += piece[:room]
+                cut += max(0, len(piece) - room)
+                if end < 0:
+                    break
+                self._relay_line(p, line, cut)
+                line.clear()
+                cut = 0
+                start = end + 1
+        if line or cut:  # the last line had no newline
+            self._relay_line(p, line, cut)
+
+    def _relay_line(self, p: Placement, raw: bytearray, cut: int) -> None:
+        text = redact_url(raw.decode(errors="replace").rstrip())  # a child may log its URL, password and all
+        if cut:
+            text += f" … [{cut} bytes truncated]"
+        p.log_tail.append(text[-300:])
+        self._stderr.write(f"[{p.instance_id}] {text}\n")
+
+    # -- unresponsive children ---------------------------------------------------------------
+
+    async def _watch_heartbeats(self) -> None:
+        """Kill (SIGKILL) a running child whose heartbeats stopped: the supervise loop then restarts it.
+
+        Only missed heartbeats count. An instance whose own ``health_check()`` says unhealthy still beats
+        and is left alone; so is one starting, stopping or not registered by this run.
+        """
+        every = max(0.1, min(1.0, self.unresponsive_after / 5))
+        silent_since: dict[str, tuple[int, float, float]] = {}  # id -> (pid, last_seen, when first seen)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._check_heartbeats(silent_since)
+            except CommunicationError as exc:  # no registry, or a slow one: what we cannot see is not silence
+                silent_since.clear()
+                log.debug("heartbeat watch: no answer from the registry: %s", exc)
+            except Exception:  # a bug here must not end the watch for good: say so, and look again
+                log.exception("heartbeat watch failed; looking again in %.1fs", every)
+
+    async def _check_heartbeats(self, silent_since: dict[str, tuple[int, float, float]]) -> None:
+        watched = {p.instance_id: p for p in self.placements.values()
+                   if p.state == "running" and not p.stopping and p.proc is not None and p.proc.returncode is None}
+        for ident in set(silent_since) - set(watched):
+            del silent_since[ident]
+        if not watched:
+            return
+        seen: dict[str, PluginInfo] = {}
+        for name in sorted({p.name for p in watched.values()}):
+            seen.update((info.id, info) for info in await self._registry_list(name))
+        now = time.monotonic()
+        for ident, p in watched.items():
+            info, proc = seen.get(ident), p.proc
+            if info is None or proc is None or info.pid != proc.pid:  # not (yet) registered by this run
+                silent_since.pop(ident, None)
+                continue
+            before = silent_since.get(ident)
+            if before is None or before[:2] != (info.pid, info.last_seen):  # it beat (or a first look)
+                silent_since[ident] = (info.pid, info.last_seen, now)
+                continue
+            late = info.health == Health.UNHEALTHY and info.health_reason.startswith("no heartbeat")
+            if late and now - before[2] >= self.unresponsive_after:
+                del silent_since[ident]
+                self._kill_unresponsive(p, proc, now - before[2])
+
+    def _kill_unresponsive(self, p: Placement, proc: asyncio.subprocess.Process, silent: float) -> None:
+        if p.stopping or proc.returncode is not None or proc is not p.proc:
+            return
+        p.unresponsive = f"no heartbeat for {silent:.0f}s while running; killed and restarted"
+        log.warning("%s (pid %d): %s", p.instance_id, proc.pid, p.unresponsive)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # wedged: SIGTERM would not be handled; the supervise loop restarts it
+
+    async def _registry_list(self, name: str) -> list[PluginInfo]:
+        """The registry's instances of ``name``. Not traced (unlike PluginRegistry.list_plugins): the watch
+        asks every second, and a span each time would bury the traces that matter."""
+        subject = self.subjects.registry("list")
+        msg = await request(self.nc, subject, dumps({"name": name}), headers=None, timeout=2.0, plugin="registry")
+        return _INFOS.validate_python(response_from_msg(msg).raise_for_error().result)
 
     async def _mark_failed(self, p: Placement, reason: str) -> None:
         p.state = "failed"

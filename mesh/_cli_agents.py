@@ -14,7 +14,9 @@ import typer
 from rich.table import Table
 
 from plugin_sdk import (
+    ConnectionFailed,
     Health,
+    PluginInfo,
     PluginNotFound,
     PluginRegistry,
 )
@@ -37,6 +39,7 @@ from ._cli_common import (
     out,
 )
 from ._connect import close, connect, default_url
+from ._secrets import redact_url
 from ._service import stop_on_signals
 
 
@@ -52,6 +55,9 @@ def agent(
     heartbeat_interval: Annotated[float | None, typer.Option(envvar="MESH_HEARTBEAT_INTERVAL", min=0.05,
                                                              help="Heartbeat interval of the plugins it runs "
                                                              "(default: the file's, else 2).")] = None,
+    unresponsive_after: Annotated[float | None, typer.Option(
+        min=0.1, show_default=False, help="Kill and restart a running plugin host whose heartbeats stopped this "
+        "many seconds ago (default: 5 heartbeat intervals, at least 10).")] = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from . import __version__
@@ -74,14 +80,17 @@ def agent(
         levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
         url = nats_url or default_url()
         flush_traces = setup_tracing("mesh-agent", version=__version__, instance_id=name or "")  # with OTEL_* set
-        nc = await connect(url, name="mesh agent", wait=10)
+        try:
+            nc = await connect(url, name="mesh agent", wait=10)
+        except ConnectionFailed as exc:  # its message names the URL: not the password in it
+            raise ConnectionFailed(redact_url(str(exc)), plugin=exc.plugin) from None
         try:
             # Precedence, as in `mesh up`: option, then environment, then the file, then the default.
             chosen_prefix = prefix or os.environ.get("MESH_PREFIX") or mesh.mesh.prefix
             async with Agent(nc, nats_url=url, name=name, prefix=_prefix(chosen_prefix),
                              data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
                              heartbeat_interval=heartbeat_interval or mesh.mesh.heartbeat_interval or 2.0,
-                             cwd=base) as ag:
+                             cwd=base, unresponsive_after=unresponsive_after) as ag:
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()
@@ -175,25 +184,36 @@ def load(
                                    {"ref": ref, "config_toml": config_toml, "config_name": str(config or ""),
                                     "instances": instances}, timeout)
         if wait:
-            registry = PluginRegistry(nc, prefix=p)
-            deadline = asyncio.get_running_loop().time() + timeout
-            pending = set(result["instances"])
-            with err.status(f"waiting for {len(pending)} instance(s) of {ref} on {agent_name}"):
-                while pending:
-                    for ident in list(pending):
-                        info = await registry.get_plugin(ident)
-                        if info is not None and info.health.serving:
-                            pending.discard(ident)
-                        elif info is not None and info.health == Health.FAILED:
-                            raise UserError(f"{ident} failed: {info.last_error}")
-                    if pending and asyncio.get_running_loop().time() > deadline:
-                        raise UserError(f"not healthy within {timeout:g}s: {', '.join(sorted(pending))} "
-                                        f"(see the agent's log)")
-                    if pending:
-                        await asyncio.sleep(0.1)
+            await _wait_healthy(PluginRegistry(nc, prefix=p), result["instances"], timeout,
+                                what=f"{ref} on {agent_name}")
         return result
 
     _print_json(_run(_with_nc(nats_url, main)))
+
+
+async def _wait_healthy(registry: PluginRegistry, instances: list[str], timeout: float, *, what: str) -> None:
+    """Until every instance serves; the status line, and the error at the timeout, say where each one is."""
+    from ._agent import describe_health
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: dict[str, PluginInfo | None] = dict.fromkeys(instances)
+
+    def where() -> str:
+        return ", ".join(f"{ident} ({describe_health(last[ident])})" for ident in sorted(last))
+
+    with err.status(f"waiting for {len(last)} instance(s) of {what}") as status:
+        while last:
+            for ident in list(last):
+                info = last[ident] = await registry.get_plugin(ident)
+                if info is not None and info.health.serving:
+                    del last[ident]
+                elif info is not None and info.health == Health.FAILED:
+                    raise UserError(f"{ident} failed: {info.last_error}")
+            if last and asyncio.get_running_loop().time() > deadline:
+                raise UserError(f"not healthy within {timeout:g}s: {where()} (see the agent's log)")
+            if last:
+                status.update(f"waiting for {len(last)} instance(s) of {what}: {where()}")
+                await asyncio.sleep(0.1)
 
 
 @app.command()

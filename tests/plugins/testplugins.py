@@ -192,3 +192,33 @@ class Moody(Plugin):
         if self.mood.reason == "raise":
             raise RuntimeError("sensor offline")
         return self.mood
+
+
+class Chatty(Plugin):
+    """Logs on request: ``flood`` writes one 100 KB line then about 300 KB more; ``mark`` logs its payload."""
+
+    name = "chatty"
+
+    @command("flood")
+    async def flood(self, message: Message) -> Any:
+        import logging
+
+        log = logging.getLogger("chatty")
+        log.warning("long line %s end", "x" * 100_000)
+        for i in range(2500):  # ~120 bytes each: well past the ~200 KB a stalled pipe and reader take in
+            log.warning("line %d %s", i, "y" * 80)
+        return "flooded"
+
+    @command("mark")
+    async def mark(self, message: Message) -> Any:
+        import logging
+
+        logging.getLogger("chatty").warning("mark %s", message.payload)
+        return message.payload
+
+
+class Needy(Plugin):
+    """Requires a plugin (tally >=1) that no test runs: it waits, starting, for dependency_timeout (30 s)."""
+
+    name = "needy"
+    dependencies = [{"name": "tally", "version": ">=1"}]
