@@ -249,8 +249,9 @@ class PluginRuntime:
             if now >= next_note:
                 self.log.info("%s %s", self.config.name, waiting)
                 next_note = now + 5.0
-            if self.register and now >= next_beat:  # `mesh ls` / `mesh load` show what it waits for
-                self._health_reason = waiting
+            if self.register and now >= next_beat:  # `mesh ls` / `mesh load` show what it waits for, and why
+                reasons = [f"{dep} ({await self._why_missing(dep)})" for dep in missing]
+                self._health_reason = f"waiting for {', '.join(reasons)} ({deadline - now:.0f}s left)"
                 self._announced = True
                 with contextlib.suppress(CommunicationError, nats.errors.Error):
                     await self.registry.heartbeat(self.info())
@@ -258,15 +259,16 @@ class PluginRuntime:
             await asyncio.sleep(0.2)
 
     async def _describe_missing(self, missing: list[Dependency]) -> str:
-        parts = []
-        for dep in missing:
-            try:
-                running = sorted({i.version for i in await self.registry.list_plugins(dep.name, healthy_only=True)})
-            except CommunicationError:
-                running = []
-            why = f"running: {', '.join(running)}; none in range" if running else "no healthy instance"
-            parts.append(f"{self.config.name} -> {dep} ({why})")
+        parts = [f"{self.config.name} -> {dep} ({await self._why_missing(dep)})" for dep in missing]
         return (f"dependencies not met after {self.config.dependency_timeout:g}s: " + "; ".join(parts))
+
+    async def _why_missing(self, dep: Dependency) -> str:
+        """``running: 2.0.0; none in range`` or ``no healthy instance``, as the registry sees it now."""
+        try:
+            running = sorted({i.version for i in await self.registry.list_plugins(dep.name, healthy_only=True)})
+        except CommunicationError:
+            running = []
+        return f"running: {', '.join(running)}; none in range" if running else "no healthy instance"
 
     async def _watch_dependencies(self) -> None:
         """Tell the plugin (hook) when an instance of a dependency changes health."""
@@ -480,62 +482,70 @@ class PluginRuntime:
                 self._start(self._queue.popleft())
 
     async def _handle(self, job: _Job, refuse: PluginError | None = None) -> None:
-        msg, env, ep = job.msg, job.env, job.ep
+        """Answer one request: admit it, run its handler, count it, reply. Every failure is a typed reply."""
         started = time.perf_counter()
-        message_id = ""
-        kind = "broadcast" if job.broadcast else env.get(E_KIND, "command")
+        kind = "broadcast" if job.broadcast else job.env.get(E_KIND, "command")
         if kind not in _KINDS:
-            kind = "command"  # an unknown kind is refused below; it must not grow the stats
-        failure: str | None = None
+            kind = "command"  # an unknown kind is refused by _admit; it must not grow the stats
+        message_id = ""
         reply_headers: dict[str, str] | None
         try:
-            if refuse is not None:
-                raise refuse
-            if (now := self._loop.time()) >= job.deadline:
-                self.stats.expired += 1
-                raise RequestTimeout(f"{self.config.name} did not start the request within its {job.timeout:g}s "
-                                     f"deadline: it waited {now - job.deadline + job.timeout:.2f}s for one of "
-                                     f"{self.config.max_concurrency} handler slots", plugin=self.config.name)
-            proto = env.get("v", PROTOCOL_VERSION)
-            if proto.split(".")[0] != PROTOCOL_VERSION:
-                raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
-                                       f"the message uses {bounded(proto, 40)}", plugin=self.config.name)
-            if len(msg.data) > self.config.max_payload:
-                raise PayloadTooLarge(f"message of {len(msg.data)} bytes exceeds {self.config.name}'s "
-                                      f"max_payload of {self.config.max_payload}", plugin=self.config.name)
-            message = message_from_msg(msg, target=self.config.name, env=env)
+            message = self._admit(job, refuse)
             message_id = message.id
-            if _tracing.enabled():  # (the attributes are not worth building otherwise: the hot path)
-                group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
-                with _tracing.consume(msg.subject, msg.headers, link=job.broadcast, attributes={
-                        "messaging.consumer.group.name": group, "messaging.message.id": message.id,
-                        "mesh.operation": message.operation}):
-                    result = await self._invoke(message, job.timeout)
-            else:
-                result = await self._invoke(message, job.timeout)
-            if isinstance(result, Response):
-                if result.error is not None:
-                    body, reply_headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
-                    failure = bounded(f"{result.error.type}: {result.error.message}")
-                else:
-                    body, reply_headers = self._success(result.result, job.broadcast)
-            else:
-                body, reply_headers = self._success(result, job.broadcast)
+            body, reply_headers, failure = self._reply_to(await self._run(job, message), message_id, job.broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
-            self._log_failure(exc, msg)
+            self._log_failure(exc, job.msg)
             info = ErrorInfo.from_exception(exc, plugin=self.config.name)
             failure = bounded(f"{info.type}: {info.message}")
             body, reply_headers = error_reply(info, message_id=message_id, instance=self.instance_id)
         elapsed = time.perf_counter() - started
-        self.stats.record(ep, kind, elapsed, failure)
+        self.stats.record(job.ep, kind, elapsed, failure)
         if self._instruments is not None:
             self._instruments.record(kind, elapsed)
-        if msg.reply:
+        if job.msg.reply:
             try:
-                await send_reply(self.nc, msg.reply, body, reply_headers, message_id=message_id,
+                await send_reply(self.nc, job.msg.reply, body, reply_headers, message_id=message_id,
                                  instance=self.instance_id, plugin=self.config.name)
             except nats.errors.Error as exc:
-                self._bad_input.warning("could not reply on %s: %s", msg.subject, exc)
+                self._bad_input.warning("could not reply on %s: %s", job.msg.subject, exc)
+
+    def _admit(self, job: _Job, refuse: PluginError | None) -> Message:
+        """The request as a :class:`Message`, or the typed error that answers it without running it."""
+        if refuse is not None:
+            raise refuse
+        if (now := self._loop.time()) >= job.deadline:
+            self.stats.expired += 1
+            raise RequestTimeout(f"{self.config.name} did not start the request within its {job.timeout:g}s "
+                                 f"deadline: it waited {now - job.deadline + job.timeout:.2f}s for one of "
+                                 f"{self.config.max_concurrency} handler slots", plugin=self.config.name)
+        proto = job.env.get("v", PROTOCOL_VERSION)
+        if proto.split(".")[0] != PROTOCOL_VERSION:
+            raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
+                                   f"the message uses {bounded(proto, 40)}", plugin=self.config.name)
+        if len(job.msg.data) > self.config.max_payload:
+            raise PayloadTooLarge(f"message of {len(job.msg.data)} bytes exceeds {self.config.name}'s "
+                                  f"max_payload of {self.config.max_payload}", plugin=self.config.name)
+        return message_from_msg(job.msg, target=self.config.name, env=job.env)
+
+    async def _run(self, job: _Job, message: Message) -> Any:
+        """The plugin's handler, under a CONSUMER span when tracing is on."""
+        if not _tracing.enabled():  # (the span's attributes are not worth building otherwise: the hot path)
+            return await self._invoke(message, job.timeout)
+        msg = job.msg
+        group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
+        with _tracing.consume(msg.subject, msg.headers, link=job.broadcast, attributes={
+                "messaging.consumer.group.name": group, "messaging.message.id": message.id,
+                "mesh.operation": message.operation}):
+            return await self._invoke(message, job.timeout)
+
+    def _reply_to(self, result: Any, message_id: str,
+                  broadcast: bool) -> tuple[bytes, dict[str, str] | None, str | None]:
+        """Body, headers and failure text (``None`` on success) of the reply to a handler's ``result``."""
+        if isinstance(result, Response) and result.error is not None:
+            body, headers = error_reply(result.error, message_id=message_id, instance=self.instance_id)
+            return body, headers, bounded(f"{result.error.type}: {result.error.message}")
+        body, maybe_headers = self._success(result.result if isinstance(result, Response) else result, broadcast)
+        return body, maybe_headers, None
 
     async def _invoke(self, message: Message, timeout: float) -> Any:
         try:
@@ -597,11 +607,8 @@ class PluginRuntime:
             started = time.perf_counter()
             try:
                 event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
-                if _tracing.enabled():
-                    with _tracing.consume(msg.subject, msg.headers, link=True,
-                                          attributes={"messaging.message.id": event.id}):
-                        await handler(event)
-                else:
+                with _tracing.consume(msg.subject, msg.headers, link=True,
+                                      attributes={"messaging.message.id": event.id}):  # (a no-op when off)
                     await handler(event)
                 self.stats.record(ep, "event", time.perf_counter() - started, None)
             except Exception as exc:  # one bad event must not stop the subscription: handled by policy

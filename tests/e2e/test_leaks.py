@@ -51,6 +51,7 @@ async def agent(nc: NATS, nats_server: NatsServer, prefix: str, tmp_path: Path, 
         yield a
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_200_loads_and_unloads_in_one_agent_leak_nothing(agent: Agent, nats_server: NatsServer, nc: NATS,
                                                                client: PluginRegistry) -> None:
@@ -74,6 +75,7 @@ async def test_200_loads_and_unloads_in_one_agent_leak_nothing(agent: Agent, nat
     assert agent.placements == {} and await client.list_plugins("echo") == []
 
 
+@pytest.mark.slow
 async def test_200_runtime_starts_and_stops_on_one_connection(nats_server: NatsServer, nc: NATS,
                                                               prefix: str, registry: RegistryService) -> None:
     async def cycle() -> None:

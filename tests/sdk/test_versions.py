@@ -23,6 +23,7 @@ from plugin_sdk import (
     PluginRuntime,
     PluginState,
 )
+from tests.conftest import eventually
 
 
 class Auth(Plugin):
@@ -83,13 +84,18 @@ class Billing(Plugin):
         self.health.append((dependency, health))
 
 
-async def test_start_waits_for_a_healthy_dependency_in_range(nc: NATS, prefix: str, registry: object) -> None:
+async def test_start_waits_for_a_healthy_dependency_in_range(nc: NATS, prefix: str, registry: object,
+                                                            client: PluginRegistry) -> None:
     billing = Billing()
-    runtime = PluginRuntime(billing, nc, prefix=prefix)
+    runtime = PluginRuntime(billing, nc, prefix=prefix, heartbeat_interval=0.1)
     starting = asyncio.create_task(runtime.start())
     try:
         async with PluginRuntime(Auth(), nc, prefix=prefix, config=auth("2.0.0")):  # out of range: still waits
-            await asyncio.sleep(0.5)
+            async def seen_and_refused() -> bool:  # it looked, saw 2.0.0 running, and still waits
+                info = await client.get_plugin(runtime.instance_id)
+                return info is not None and "running: 2.0.0; none in range" in info.health_reason
+
+            await eventually(seen_and_refused, what="billing to see auth 2.0.0 and keep waiting")
             assert billing.state is PluginState.INITIALIZED and not billing.started.is_set()
             async with PluginRuntime(Auth(), nc, prefix=prefix, config=auth("1.5.0")):
                 await asyncio.wait_for(starting, 10)
