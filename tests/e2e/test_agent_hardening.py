@@ -105,6 +105,18 @@ async def test_a_child_that_stops_heartbeating_is_killed_and_restarted(
         assert again.last_error == p.last_error  # the restarted host reports why it was restarted
 
 
+async def test_a_stopped_child_is_stopped_gracefully_not_killed(agent: Agent, client: PluginRegistry) -> None:
+    (ident,) = await agent.load("examples.echo:Echo")
+    info = await healthy(client, ident)
+    proc = agent.placements[ident].proc
+    assert proc is not None and proc.pid == info.pid
+    os.kill(proc.pid, signal.SIGSTOP)
+    # SIGTERM alone waits, pending, until the timeout and a SIGKILL; with SIGCONT the host drains and exits 0.
+    assert await agent.unload(ident, timeout=15) == [ident]
+    assert proc.returncode == 0
+    assert await client.get_plugin(ident) is None
+
+
 async def test_an_instance_that_says_it_is_unhealthy_is_not_restarted(
         nc: NATS, nats_server: NatsServer, prefix: str, tmp_path: Path, registry: RegistryService,
         client: PluginRegistry, messaging: PluginMessaging, child_path: None) -> None:
