@@ -1,6 +1,6 @@
 """mesh: the groundhog runtime — embedded nats-server, registry service, plugin host, CLI."""
 
-from plugin_sdk._natsd import NatsServer, NatsServerError, find_binary, free_port
+from plugin_sdk.host import NatsServer, NatsServerError, find_binary, free_port
 
 from ._connect import close, connect
 from ._host import ENTRY_POINT_GROUP, load_plugin_class, run_plugin

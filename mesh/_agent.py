@@ -47,10 +47,18 @@ from plugin_sdk import (
     PluginRegistry,
     RequestTimeout,
 )
-from plugin_sdk._config import load_config_text, validate_name
-from plugin_sdk._natsd import child_preexec
-from plugin_sdk._runtime import check_protocol, new_instance_id
-from plugin_sdk._wire import Subjects, dumps, loads, request, response_from_msg
+from plugin_sdk.host import (
+    Subjects,
+    check_protocol,
+    child_preexec,
+    dumps,
+    load_config_text,
+    loads,
+    new_instance_id,
+    request,
+    response_from_msg,
+    validate_name,
+)
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
 from ._secrets import redact_url

@@ -106,7 +106,7 @@ def agent(
 
 async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
     """Every agent's answer to <prefix>.agents.list within ``timeout``."""
-    from plugin_sdk._wire import response_from_msg
+    from plugin_sdk.host import response_from_msg
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -128,7 +128,7 @@ async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[st
 
 
 async def _agent_call(nc: Any, prefix: str, agent_name: str, verb: str, body: Any, timeout: float) -> Any:
-    from plugin_sdk._wire import dumps, request, response_from_msg
+    from plugin_sdk.host import dumps, request, response_from_msg
 
     subject = f"{prefix}.agent.{agent_name}.{verb}"
     try:

@@ -19,8 +19,7 @@ from rich.console import Console
 from plugin_sdk import (
     PluginError,
 )
-from plugin_sdk._natsd import NatsServerError
-from plugin_sdk._wire import Subjects
+from plugin_sdk.host import NatsServerError, Subjects
 
 from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
 

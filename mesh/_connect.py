@@ -1,12 +1,12 @@
-"""Connecting to NATS the way every mesh process does: ``plugin_sdk._connection`` with the
+"""Connecting to NATS the way every mesh process does: ``plugin_sdk.host.connect`` with the
 mesh's defaults (``MESH_NATS_URL``, ``MESH_PREFIX``) and its hint for an unreachable server."""
 
 from __future__ import annotations
 
 import os
 
-from plugin_sdk._connection import MeshClient, close, redact
-from plugin_sdk._connection import connect as _connect
+from plugin_sdk.host import MeshClient, close, redact
+from plugin_sdk.host import connect as _connect
 
 __all__ = ["DEFAULT_URL", "MeshClient", "close", "connect", "default_prefix", "default_url", "redact"]
 

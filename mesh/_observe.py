@@ -14,7 +14,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from plugin_sdk import PluginError, PluginInfo, PluginRegistry
-from plugin_sdk._wire import Subjects, request, response_from_msg
+from plugin_sdk.host import Subjects, request, response_from_msg
 
 __all__ = ["InstanceMetrics", "Rates", "collect"]
 

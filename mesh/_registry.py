@@ -30,23 +30,25 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from plugin_sdk import Health, InitializationError, InvalidMessage, PluginError, PluginInfo, VersionRecord
-from plugin_sdk._config import check_range, version_matches
-from plugin_sdk._message import SERVING
-from plugin_sdk._state import open_bucket
-from plugin_sdk._tasks import TaskOwner, every
-from plugin_sdk._wire import (
+from plugin_sdk.host import (
+    SERVING,
     Subjects,
+    TaskOwner,
+    check_range,
     drain_all,
     dumps,
     envelope_tail,
     event_headers,
+    every,
     health_event,
     kv_delete_headers,
     kv_subject,
     loads,
+    open_bucket,
     publish,
     registry_instance_key,
     registry_versions_key,
+    version_matches,
 )
 
 from ._service import json_handler

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import watchfiles
 
-from plugin_sdk._natsd import child_preexec
-from plugin_sdk._runtime import new_instance_id
+from plugin_sdk.host import child_preexec, new_instance_id
 
 from ._host import load_plugin_class, resolve_config
 from ._service import stop_on_signals

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plugin_sdk._config import validate_name
+from plugin_sdk.host import validate_name
 
 __all__ = ["scaffold_plugin"]
 

@@ -15,8 +15,8 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError, _tracing
-from plugin_sdk._wire import error_reply, loads, send_reply, success_reply
+from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError
+from plugin_sdk.host import error_reply, loads, send_reply, success_reply, tracing
 
 __all__ = ["json_handler", "stop_on_signals", "wait_any"]
 
@@ -72,11 +72,11 @@ def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitabl
                 log.info("%s %s refused: %s: %s", service, verb, type(err).__name__, err)
             else:
                 log.exception("%s %s failed", service, verb)
-            _tracing.failed(span, err)
+            tracing.failed(span, err)
             return error_reply(ErrorInfo.from_exception(err, plugin=service), message_id="", instance=instance)
 
     async def handler(msg: Msg) -> None:
-        with _tracing.consume(msg.subject, msg.headers,  # (a no-op yielding None when tracing is off)
+        with tracing.consume(msg.subject, msg.headers,  # (a no-op yielding None when tracing is off)
                               attributes={"messaging.consumer.group.name": group}) as span:
             body, headers = await answer(msg, span)
         if msg.reply:

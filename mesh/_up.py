@@ -14,9 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from plugin_sdk import ConfigError, __version__
-from plugin_sdk._natsd import NatsServer
-from plugin_sdk._runtime import check_protocol
-from plugin_sdk._wire import Subjects
+from plugin_sdk.host import NatsServer, Subjects, check_protocol
 
 from ._agent import Agent
 from ._connect import close, connect, redact

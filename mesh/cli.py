@@ -24,10 +24,7 @@ from plugin_sdk import (
     StateNotFound,
     StateStore,
 )
-from plugin_sdk._config import validate_name
-from plugin_sdk._natsd import NatsServerError
-from plugin_sdk._state import open_bucket
-from plugin_sdk._wire import Subjects, check_event_type
+from plugin_sdk.host import NatsServerError, Subjects, check_event_type, open_bucket, validate_name
 
 from ._cli_common import (
     JsonOpt,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,9 @@ from plugin_sdk._wire import dumps, loads
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {n for n in dir(plugin_sdk) if not n.startswith("_")} - {"annotations"}
+    # (submodules such as plugin_sdk.host and plugin_sdk.testing are imported by name, not exported)
+    public = {n for n in dir(plugin_sdk) if not n.startswith("_")
+              and not isinstance(getattr(plugin_sdk, n), types.ModuleType)} - {"annotations"}
     assert set(plugin_sdk.__all__) - {"__version__"} == public
     for name in ["Plugin", "PluginContext", "PluginMessaging", "Message", "PluginInfo", "PluginConfig",
                  "PluginError", "InitializationError", "CommunicationError", "DependencyError", "ResourceError",
@@ -39,6 +43,39 @@ def test_plugin_sdk_never_imports_mesh() -> None:
     code = "import sys, plugin_sdk, plugin_sdk._runtime; print([m for m in sys.modules if m.split('.')[0]=='mesh'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def sdk_private_imports(source: str) -> list[str]:
+    """Every ``plugin_sdk._x`` module (or ``_x`` name of ``plugin_sdk``) that ``source`` imports."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("plugin_sdk._")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "plugin_sdk":
+            if node.module.startswith("plugin_sdk._"):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and a.name != "__version__"]
+    return found
+
+
+def test_mesh_uses_only_the_sdks_supported_surface() -> None:
+    # mesh builds on plugin_sdk (its public API) and plugin_sdk.host (the documented host surface),
+    # never on the SDK's underscore modules.
+    root = Path(__file__).resolve().parents[2] / "mesh"
+    offenders = {str(p.relative_to(root.parent)): found for p in sorted(root.rglob("*.py"))
+                 if (found := sdk_private_imports(p.read_text(encoding="utf-8")))}
+    assert offenders == {}
+    assert sdk_private_imports("from plugin_sdk._wire import dumps\nfrom plugin_sdk import _tracing") == [
+        "plugin_sdk._wire", "plugin_sdk._tracing"]
+
+
+def test_the_host_surface_exports_what_it_lists() -> None:
+    import plugin_sdk.host as host
+
+    assert sorted(host.__all__) == sorted(set(host.__all__))
+    missing = [name for name in host.__all__ if not hasattr(host, name)]
+    assert missing == []
 
 
 def test_error_tree_and_round_trip() -> None:
