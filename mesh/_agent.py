@@ -266,7 +266,7 @@ class Agent:
             cb = json_handler(self.nc, label, verb, fn, instance=self.name, log=log)
             self._subs.append(await self.nc.subscribe(self.subject(verb), cb=cb))
         cb = json_handler(self.nc, label, "list", self._list, instance=self.name, log=log)
-        self._subs.append(await self.nc.subscribe(f"{self.subjects.prefix}.agents.list", cb=cb))
+        self._subs.append(await self.nc.subscribe(self.subjects.agents_list, cb=cb))
         if self._watch is None:
             self._watch = asyncio.create_task(self._watch_heartbeats(), name=f"agent {self.name} heartbeat watch")
         log.info("agent %s serving %s.*", self.name, self.subject("")[:-1])
@@ -286,7 +286,7 @@ class Agent:
         await asyncio.to_thread(self._stderr.close)
 
     def subject(self, verb: str) -> str:
-        return f"{self.subjects.prefix}.agent.{self.name}.{verb}"
+        return self.subjects.agent(self.name, verb)
 
     # -- placing instances -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from plugin_sdk import (
     PluginNotFound,
     PluginRegistry,
 )
+from plugin_sdk.host import Subjects
 
 from ._cli_common import (
     AgentTimeout,
@@ -106,21 +107,21 @@ def agent(
 
 async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
     """Every agent's answer to <prefix>.agents.list within ``timeout``."""
-    from plugin_sdk.host import response_from_msg
+    from plugin_sdk.host import is_no_responders, response_from_msg
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     found: list[dict[str, Any]] = []
     try:
-        await nc.publish(f"{prefix}.agents.list", b"", reply=inbox)
+        await nc.publish(Subjects(prefix).agents_list, b"", reply=inbox)
         deadline = asyncio.get_running_loop().time() + timeout
         while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
             try:
                 msg = await sub.next_msg(timeout=remaining)
             except nats.errors.TimeoutError:
                 break
-            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                break  # the server's "no responders": no agent is running
+            if is_no_responders(msg):
+                break  # no agent is running
             found.append(response_from_msg(msg).raise_for_error().result)
     finally:
         await sub.unsubscribe()
@@ -130,7 +131,7 @@ async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[st
 async def _agent_call(nc: Any, prefix: str, agent_name: str, verb: str, body: Any, timeout: float) -> Any:
     from plugin_sdk.host import dumps, request, response_from_msg
 
-    subject = f"{prefix}.agent.{agent_name}.{verb}"
+    subject = Subjects(prefix).agent(agent_name, verb)
     try:
         msg = await request(nc, subject, dumps(body), headers=None, timeout=timeout, plugin=f"agent {agent_name}")
     except PluginNotFound:
