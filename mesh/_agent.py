@@ -55,13 +55,13 @@ from plugin_sdk.host import (
     load_config_text,
     loads,
     new_instance_id,
+    redact,
     request,
     response_from_msg,
     validate_name,
 )
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
-from ._secrets import redact_url
 from ._service import json_handler
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
@@ -522,7 +522,7 @@ class Agent:
             self._relay_line(p, line, cut)
 
     def _relay_line(self, p: Placement, raw: bytearray, cut: int) -> None:
-        text = redact_url(raw.decode(errors="replace").rstrip())  # a child may log its URL, password and all
+        text = redact(raw.decode(errors="replace").rstrip())  # a child may log its URL, password and all
         if cut:
             text += f" … [{cut} bytes truncated]"
         p.log_tail.append(text[-300:])

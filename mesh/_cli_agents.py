@@ -20,7 +20,7 @@ from plugin_sdk import (
     PluginNotFound,
     PluginRegistry,
 )
-from plugin_sdk.host import Subjects
+from plugin_sdk.host import Subjects, redact
 
 from ._cli_common import (
     AgentTimeout,
@@ -40,7 +40,6 @@ from ._cli_common import (
     out,
 )
 from ._connect import close, connect, default_url
-from ._secrets import redact_url
 from ._service import stop_on_signals
 
 
@@ -84,7 +83,7 @@ def agent(
         try:
             nc = await connect(url, name="mesh agent", wait=10)
         except ConnectionFailed as exc:  # its message names the URL: not the password in it
-            raise ConnectionFailed(redact_url(str(exc)), plugin=exc.plugin) from None
+            raise ConnectionFailed(redact(str(exc)), plugin=exc.plugin) from None
         try:
             # Precedence, as in `mesh up`: option, then environment, then the file, then the default.
             chosen_prefix = prefix or os.environ.get("MESH_PREFIX") or mesh.mesh.prefix

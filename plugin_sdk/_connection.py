@@ -41,22 +41,24 @@ CLOSE_TIMEOUT = 2.0
 _HOST_PORT = re.compile(r"^[^\s/:@]+:\d+$")
 
 
-def redact(url: str) -> str:
-    """``url`` with any password (or token) replaced by ``***``: safe for messages and logs."""
+# scheme://userinfo@ : userinfo is "user:password" or a bare token (nats://TOKEN@host).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/\s,]+)@")
 
-    def one(u: str) -> str:
-        head, sep, rest = u.partition("://")
-        if not sep:
-            head, rest = "", u
-        netloc, slash, tail = rest.partition("/")
-        if "@" not in netloc:
-            return u
-        auth, _, host = netloc.rpartition("@")
-        user, colon, _ = auth.partition(":")
-        auth = f"{user}:***" if colon else "***"
-        return f"{head}{sep}{auth}@{host}{slash}{tail}"
 
-    return ",".join(one(u) for u in url.split(","))
+def _hide(match: re.Match[str]) -> str:
+    user, colon, _ = match["userinfo"].partition(":")
+    return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+
+def redact(text: str) -> str:
+    """Every URL in ``text`` with its credentials hidden: ``nats://u:pw@h`` → ``nats://u:***@h``.
+
+    A URL holding a bare token (``nats://s3cret@h``) becomes ``nats://***@h``. Works on one URL,
+    several comma-separated ones, or a whole log line; text without credentials is kept as it is.
+    """
+    if "@" not in text:  # the common case, and a cheap one: relayed log lines pass through here
+        return text
+    return _USERINFO.sub(_hide, text)
 
 
 def parse_urls(url: str) -> list[str]:

@@ -1,10 +1,10 @@
-"""redact_url: credentials in URLs never reach a log line."""
+"""redact: credentials in URLs never reach a log line."""
 
 from __future__ import annotations
 
 import pytest
 
-from mesh._secrets import redact_url
+from plugin_sdk.host import redact
 
 
 @pytest.mark.parametrize(("text", "shown"), [
@@ -17,5 +17,5 @@ from mesh._secrets import redact_url
     ("mail ada@example.com about nats://h:1/x@y", "mail ada@example.com about nats://h:1/x@y"),
     ("", ""),
 ])
-def test_redact_url(text: str, shown: str) -> None:
-    assert redact_url(text) == shown
+def test_redact(text: str, shown: str) -> None:
+    assert redact(text) == shown
