@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -49,8 +50,10 @@ from plugin_sdk import (
 )
 from plugin_sdk.host import (
     Subjects,
+    TaskOwner,
     check_protocol,
     child_preexec,
+    drain_all,
     dumps,
     load_config_text,
     loads,
@@ -109,6 +112,17 @@ class ChildCrashed(Exception):
         self.ran_for = ran_for
 
 
+class PlacementState(enum.StrEnum):
+    """Where one supervised instance is (``mesh agents`` shows it; JSON carries the value)."""
+
+    STARTING = "starting"  # placed; its first process is being started
+    RUNNING = "running"  # its process runs (serving, or still starting inside)
+    RESTARTING = "restarting"  # its process ended badly; waiting out the backoff before the next start
+    FAILED = "failed"  # crashed more often than the restart limit allows: left down, listed with the reason
+    EXITED = "exited"  # its process ended by itself with code 0 (e.g. a control stop): not restarted
+    STOPPED = "stopped"  # unloaded by the agent: gone
+
+
 @dataclass
 class Placement:
     """One instance this agent supervises."""
@@ -120,7 +134,7 @@ class Placement:
     config_path: Path | None
     proc: asyncio.subprocess.Process | None = None
     task: asyncio.Task[None] | None = None
-    state: str = "starting"  # starting | running | restarting | failed | stopped | exited
+    state: PlacementState = PlacementState.STARTING
     restarts: int = 0
     last_error: str = ""
     crashes: deque[float] = field(default_factory=deque)
@@ -236,6 +250,8 @@ class Agent:
         self.registry = PluginRegistry(nc, prefix=prefix)
         self.placements: dict[str, Placement] = {}
         self._subs: list[Subscription] = []
+        #: The one owner of the agent's tasks: one supervision task per placement, and the heartbeat watch.
+        self._tasks = TaskOwner(f"agent {self.name}", log)
         self._watch: asyncio.Task[None] | None = None
         self._stderr = _StderrSink()
 
@@ -268,21 +284,19 @@ class Agent:
         cb = json_handler(self.nc, label, "list", self._list, instance=self.name, log=log)
         self._subs.append(await self.nc.subscribe(self.subjects.agents_list, cb=cb))
         if self._watch is None:
-            self._watch = asyncio.create_task(self._watch_heartbeats(), name=f"agent {self.name} heartbeat watch")
+            self._watch = self._tasks.spawn(self._watch_heartbeats(), name="heartbeat watch")
         log.info("agent %s serving %s.*", self.name, self.subject("")[:-1])
 
     async def stop(self, *, timeout: float = 20.0) -> None:
-        """Stop serving, then stop every instance (SIGTERM, drain); safe to call twice."""
+        """Stop serving (draining: a load or reload in flight finishes and gets its reply), then stop
+        every instance (SIGTERM, drain), then the agent's own tasks; safe to call twice."""
         watch, self._watch = self._watch, None
-        if watch is not None:  # first: nothing is killed for silence while it is being stopped
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+        await self._tasks.cancel(watch)  # first: nothing is killed for silence while it is being stopped
         subs, self._subs = self._subs, []
-        for sub in subs:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        if not await drain_all(subs, timeout=timeout):
+            log.warning("agent %s: commands still running after %.0fs were abandoned", self.name, timeout)
         await asyncio.gather(*(self._stop_placement(p, timeout=timeout) for p in list(self.placements.values())))
+        await self._tasks.close()
         await asyncio.to_thread(self._stderr.close)
 
     def subject(self, verb: str) -> str:
@@ -307,7 +321,7 @@ class Agent:
         for _ in range(instances):
             p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path)
             self.placements[p.instance_id] = p
-            p.task = asyncio.create_task(self._supervise(p), name=f"supervise {p.instance_id}")
+            p.task = self._tasks.spawn(self._supervise(p), name=f"supervise {p.instance_id}")
             ids.append(p.instance_id)
         return ids
 
@@ -335,7 +349,7 @@ class Agent:
 
     async def reload(self, name: str, *, ready_timeout: float = 30.0) -> list[tuple[str, str]]:
         """Rolling: for each instance, start a new one, wait until healthy, then drain the old."""
-        old = [p for p in self.placements.values() if p.name == name and p.state != "stopped"]
+        old = [p for p in self.placements.values() if p.name == name and p.state is not PlacementState.STOPPED]
         if not old:
             raise PluginNotFound(f"agent {self.name} runs no plugin {name!r}", plugin=name)
         replaced = []
@@ -354,7 +368,7 @@ class Agent:
         info: PluginInfo | None = None
         while True:
             p = self.placements.get(instance_id)
-            if p is not None and p.state == "failed":
+            if p is not None and p.state is PlacementState.FAILED:
                 raise InitializationError(f"{instance_id} failed: {p.last_error}", plugin=p.name)
             with contextlib.suppress(CommunicationError):
                 info = await self.registry.get_plugin(instance_id)
@@ -379,14 +393,11 @@ class Agent:
                 await self._kill_and_reap(p, proc)
                 with contextlib.suppress(CommunicationError):
                     await self.registry.unregister_plugin(p.instance_id)
-        if p.task is not None:
-            p.task.cancel()  # it may be sleeping in a backoff
-            with contextlib.suppress(asyncio.CancelledError):
-                await p.task
-        if p.state == "failed":
+        await self._tasks.cancel(p.task)  # it may be sleeping in a backoff
+        if p.state is PlacementState.FAILED:
             with contextlib.suppress(CommunicationError):
                 await self.registry.unregister_plugin(p.instance_id)
-        p.state = "stopped"
+        p.state = PlacementState.STOPPED
         self.placements.pop(p.instance_id, None)
 
     async def _kill_and_reap(self, p: Placement, proc: asyncio.subprocess.Process) -> None:
@@ -440,7 +451,7 @@ class Agent:
     def _note_restart(self, p: Placement) -> Callable[[RetryCallState], Awaitable[None]]:
         async def before_sleep(state: RetryCallState) -> None:
             p.restarts += 1
-            p.state = "restarting"
+            p.state = PlacementState.RESTARTING
             delay = state.next_action.sleep if state.next_action else 0.0
             log.warning("%s %s; restart %d in %.1fs", p.instance_id, p.last_error, p.restarts, delay)
 
@@ -460,7 +471,7 @@ class Agent:
         proc = p.proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, preexec_fn=child_preexec)
-        p.state = "running"
+        p.state = PlacementState.RUNNING
         assert proc.stderr is not None
         relay = asyncio.create_task(self._relay_output(p, proc.stderr), name=f"relay {p.instance_id}")
         try:
@@ -473,7 +484,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
         if code == 0 or p.stopping:
-            p.state = "exited" if not p.stopping else p.state
+            p.state = PlacementState.EXITED if not p.stopping else p.state
             return
         if p.unresponsive:  # the agent killed it: that is the reason, not what it last logged
             p.last_error = p.unresponsive
@@ -549,8 +560,8 @@ class Agent:
                 log.exception("heartbeat watch failed; looking again in %.1fs", every)
 
     async def _check_heartbeats(self, silent_since: dict[str, tuple[int, float, float]]) -> None:
-        watched = {p.instance_id: p for p in self.placements.values()
-                   if p.state == "running" and not p.stopping and p.proc is not None and p.proc.returncode is None}
+        watched = {p.instance_id: p for p in self.placements.values() if p.state is PlacementState.RUNNING
+                   and not p.stopping and p.proc is not None and p.proc.returncode is None}
         for ident in set(silent_since) - set(watched):
             del silent_since[ident]
         if not watched:
@@ -589,7 +600,7 @@ class Agent:
         return _INFOS.validate_python(response_from_msg(msg).raise_for_error().result)
 
     async def _mark_failed(self, p: Placement, reason: str) -> None:
-        p.state = "failed"
+        p.state = PlacementState.FAILED
         log.error("%s failed after %d restarts: %s", p.instance_id, p.restarts, reason)
         info = PluginInfo(id=p.instance_id, name=p.name, version=p.version, health=Health.FAILED,
                           host=socket.gethostname(), agent=self.name, restarts=p.restarts, last_error=reason,

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import nats.errors
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from plugin_sdk import (
@@ -38,6 +39,7 @@ from ._cli_common import (
     app,
     err,
     out,
+    styled_state,
 )
 from ._connect import close, connect, default_url
 from ._service import stop_on_signals
@@ -266,7 +268,8 @@ def agents(
         if not a["plugins"]:
             table.add_row(a["agent"], a["host"], "-", "-", "-", "-", "")
         for x in a["plugins"]:
-            table.add_row(a["agent"], a["host"], x["id"], x["ref"], x["state"], str(x["restarts"]), x["last_error"])
+            table.add_row(a["agent"], a["host"], x["id"], x["ref"], styled_state(x["state"]), str(x["restarts"]),
+                          escape(x["last_error"]))
     out.print(table)
 
 

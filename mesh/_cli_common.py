@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import nats.errors
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from plugin_sdk import (
     PluginError,
@@ -111,3 +112,17 @@ def _prefix(p: str | None) -> str:
 
 OnOpt = Annotated[str | None, typer.Option("--on", help="Agent to act on (default: the only one running).")]
 AgentTimeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the agent.")]
+
+
+#: How a state looks in every table: an instance's health (``mesh ls``, ``stats``, ``top``) and a
+#: placement's state (``mesh agents``). One map, so the same word has the same colour everywhere.
+STATE_STYLE = {"healthy": "green", "running": "green", "degraded": "yellow", "starting": "yellow",
+               "stopping": "yellow", "restarting": "yellow", "unhealthy": "red", "failed": "red",
+               "exited": "dim", "stopped": "dim"}
+
+
+def styled_state(state: str, reason: str = "") -> str:
+    """``state`` in its colour (rich markup), with ``(reason)`` after it when there is one."""
+    style = STATE_STYLE.get(state, "")
+    shown = f"[{style}]{state}[/{style}]" if style else escape(state)
+    return shown + (f" ({escape(reason)})" if reason else "")

@@ -13,11 +13,21 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ._cli_common import JsonOpt, NatsOpt, PrefixOpt, _fail, _prefix, _print_json, _run, _with_nc, app, err, out
+from ._cli_common import (
+    JsonOpt,
+    NatsOpt,
+    PrefixOpt,
+    _fail,
+    _prefix,
+    _print_json,
+    _run,
+    _with_nc,
+    app,
+    err,
+    out,
+    styled_state,
+)
 from ._observe import InstanceMetrics, Rates, collect
-
-_STYLE = {"healthy": "green", "degraded": "yellow", "unhealthy": "red", "failed": "red", "starting": "yellow",
-          "stopping": "yellow"}
 
 
 def _ms(value: float | None) -> str:
@@ -33,8 +43,7 @@ def _mb(value: Any) -> str:
 def _health(row: InstanceMetrics) -> str:
     health = str(row.figure("health", default=row.info.health.value))
     reason = row.figure("health_reason", default=row.info.health_reason) or ""
-    style = _STYLE.get(health, "")
-    return f"[{style}]{health}[/{style}]" + (f" ({escape(reason)})" if reason else "")
+    return styled_state(health, str(reason))
 
 
 def _pct(value: Any) -> str:

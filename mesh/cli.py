@@ -16,7 +16,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from plugin_sdk import (
-    Health,
     MessageKind,
     PluginError,
     PluginMessaging,
@@ -43,6 +42,7 @@ from ._cli_common import (
     err,
     out,
     state_app,
+    styled_state,
 )
 from ._cli_trace import root_span, show_trace, trace_cmd
 from ._connect import close, connect, default_url
@@ -235,10 +235,6 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-_HEALTH_STYLE = {Health.HEALTHY: "green", Health.DEGRADED: "yellow", Health.UNHEALTHY: "red",
-                 Health.STARTING: "yellow", Health.STOPPING: "yellow", Health.FAILED: "red"}
-
-
 @app.command("ls")
 def ls(
     name: Annotated[str | None, typer.Argument(help="Only instances of this plugin.")] = None,
@@ -263,10 +259,8 @@ def ls(
     table = Table("name", "version", "instance", "health", "uptime", "host", *(
         ("restarts", "last error") if troubled else ()))
     for i in infos:
-        style = _HEALTH_STYLE.get(i.health, "")
-        extra = (str(i.restarts), i.last_error) if troubled else ()
-        reason = f" ({escape(i.health_reason)})" if i.health_reason else ""
-        table.add_row(i.name, i.version, i.id, f"[{style}]{i.health.value}[/{style}]{reason}", _age(i.uptime),
+        extra = (str(i.restarts), escape(i.last_error)) if troubled else ()
+        table.add_row(i.name, i.version, i.id, styled_state(i.health.value, i.health_reason), _age(i.uptime),
                       f"{i.host}:{i.pid}", *extra)
     out.print(table)
 
