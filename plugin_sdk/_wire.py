@@ -429,4 +429,20 @@ async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+            _stop_callbacks(sub)
         return False
+
+
+def _stop_callbacks(sub: Subscription) -> None:
+    """End the task that runs ``sub``'s callbacks (a stuck callback is cancelled).
+
+    A drain cancelled half-way leaves nats-py's subscription marked closed, so ``unsubscribe``
+    refuses it and its callback task, stuck in a handler, runs on: the connection's own drain
+    then waits up to its drain_timeout (30 s) for it. nats-py has no public call for this.
+    """
+    stop = getattr(sub, "_stop_processing", None)
+    if stop is not None:
+        stop()
+    remove, sid = getattr(sub._conn, "_remove_sub", None), getattr(sub, "_id", None)
+    if remove is not None and sid is not None:
+        remove(sid)
