@@ -29,11 +29,21 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from plugin_sdk import Health, InitializationError, InvalidMessage, PluginError, PluginInfo, VersionRecord
+from plugin_sdk import (
+    Health,
+    InitializationError,
+    InvalidMessage,
+    PermissionDenied,
+    PluginError,
+    PluginInfo,
+    VersionRecord,
+)
 from plugin_sdk.host import (
     SERVING,
+    BoundedLog,
     Subjects,
     TaskOwner,
+    bounded,
     check_range,
     drain_all,
     dumps,
@@ -81,6 +91,7 @@ class RegistryService:
         self.failed = asyncio.Event()
         self._ready = asyncio.Event()
         self._watch_error = ""  # why the watcher last failed to (re)start, for start()'s error
+        self._refused = BoundedLog(log)  # heartbeats refused: about what others sent, so bounded
         self._watcher: KeyValue.KeyWatcher | None = None
         self._watch_epoch = 0
 
@@ -120,9 +131,17 @@ class RegistryService:
             self._subs.append(await self.nc.subscribe(self.subjects.registry(verb), queue=QUEUE,
                                                       cb=json_handler(self.nc, "registry", verb, fn,
                                                                       instance="registry", log=log, group=QUEUE)))
+        # An instance writes its own entry on <verb>.<its id> (the only registry writes a plugin's
+        # credentials allow); the id in the subject must be the entry's. The plain subjects stay for
+        # the admin (the agent marking an instance failed, the CLI) and for meshes without --secure.
+        for verb in ("register", "unregister"):
+            self._subs.append(await self.nc.subscribe(
+                self.subjects.registry_own(verb, "*"), queue=QUEUE,
+                cb=json_handler(self.nc, "registry", verb, self._own(verb, handlers[verb]), instance="registry",
+                                log=log, group=QUEUE, with_subject=True)))
         # Heartbeats are not traced (they carry no traceparent): see PluginRegistry.heartbeat.
-        self._subs.append(await self.nc.subscribe(self.subjects.registry("heartbeat"), queue=QUEUE,
-                                                  cb=self._on_heartbeat))
+        for subject in (self.subjects.registry("heartbeat"), self.subjects.registry_own("heartbeat", "*")):
+            self._subs.append(await self.nc.subscribe(subject, queue=QUEUE, cb=self._on_heartbeat))
         self._tasks.spawn(every(self.sweep_interval, self._sweep, log=log, what="registry sweep"), name="sweeper")
         log.info("registry serving %s.registry.* (bucket %s)", self.subjects.prefix, self.subjects.registry_bucket)
 
@@ -241,9 +260,25 @@ class RegistryService:
             await self._announce(info, previous=before[0].health.value if before else "absent")
         return True
 
+    def _own(self, verb: str, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any, str], Awaitable[Any]]:
+        """``fn`` for ``<verb>.<instance>``: only for the entry of the instance the subject names."""
+        async def handle(body: Any, subject: str) -> Any:
+            named = subject.rsplit(".", 1)[-1]
+            if _entry_id(body) != named:
+                raise PermissionDenied(f"registry {verb} on {subject} may change only the entry of {named!r}, "
+                                       f"not {_entry_id(body)!r}", subject=subject)
+            return await fn(body)
+
+        return handle
+
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             info = PluginInfo.model_validate_json(msg.data)
+            named = msg.subject[len(self.subjects.registry("heartbeat")) + 1:]
+            if named and named != info.id:  # a beat on <verb>.<instance> is for that instance only
+                self._refused.warning("heartbeat on %s for another instance (%s) ignored", msg.subject,
+                                      bounded(info.id, 80))
+                return
             known = self._cache.instances.get(info.id)
             if known is None:
                 if info.health == Health.STOPPING:
@@ -373,6 +408,12 @@ class RegistryService:
         except nats.js.errors.KeyNotFoundError as gone:
             rev = gone.entry.revision if gone.entry is not None and gone.entry.revision else 0
             self._cache.apply(registry_instance_key(ident), None, max(rev, self._cache.revision(ident) + 1), "DEL")
+
+
+def _entry_id(body: Any) -> str:
+    """The instance id a register or unregister body is about."""
+    ident = body.get("id") if isinstance(body, dict) else None
+    return ident if isinstance(ident, str) else ""
 
 
 def _str_field(body: Any, field: str) -> str:

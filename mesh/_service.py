@@ -47,19 +47,22 @@ async def wait_any(*events: asyncio.Event) -> asyncio.Event:
         await asyncio.gather(*waiters, return_exceptions=True)
 
 
-def json_handler(nc: NATS, service: str, verb: str, fn: Callable[[Any], Awaitable[Any]], *, instance: str,
-                 log: logging.Logger, group: str | None = None) -> Callable[[Msg], Awaitable[None]]:
+def json_handler(nc: NATS, service: str, verb: str, fn: Callable[..., Awaitable[Any]], *, instance: str,
+                 log: logging.Logger, group: str | None = None,
+                 with_subject: bool = False) -> Callable[[Msg], Awaitable[None]]:
     """A subscription callback: JSON request in, ``fn``'s result out, every failure as a typed error.
 
     ``service`` names the answerer in errors (``ErrorInfo.plugin``); ``instance`` goes in the reply
     envelope's ``inst``. With tracing on, each request runs under a CONSUMER span
     (``process <subject>``), the child of the caller's ``traceparent``; ``group`` is the queue
-    group it is served through (``messaging.consumer.group.name``).
+    group it is served through (``messaging.consumer.group.name``). With ``with_subject``, ``fn``
+    is called as ``fn(body, subject)`` (for handlers whose subject carries an argument).
     """
 
     async def answer(msg: Msg, span: Span | None) -> tuple[bytes, dict[str, str] | None]:
         try:
-            result = await fn(loads(msg.data, what=f"{service} {verb} request"))
+            body = loads(msg.data, what=f"{service} {verb} request")
+            result = await (fn(body, msg.subject) if with_subject else fn(body))
             return success_reply(result, instance=instance)
         except Exception as exc:  # every failure becomes the caller's typed error (never a silent timeout)
             err: BaseException = exc

@@ -44,8 +44,8 @@ class PluginRegistry:
         self._subjects = Subjects(prefix)
         self._timeout = timeout
 
-    async def _call(self, verb: str, body: Any, *, timeout: float | None = None) -> Any:
-        subject = self._subjects.registry(verb)
+    async def _call(self, verb: str, body: Any, *, timeout: float | None = None, instance: str | None = None) -> Any:
+        subject = self._subjects.registry_own(verb, instance) if instance else self._subjects.registry(verb)
         if not _tracing.enabled():  # the fast path: no span, no context to carry
             return await self._request(subject, body, timeout, None)
         with _tracing.produce(subject, attributes={"mesh.registry.verb": verb}) as carrier:
@@ -63,11 +63,11 @@ class PluginRegistry:
 
     async def register_plugin(self, info: PluginInfo) -> None:
         """Add or refresh an instance (idempotent)."""
-        await self._call("register", info.model_dump(mode="json"))
+        await self._call("register", info.model_dump(mode="json"), instance=info.id)
 
     async def unregister_plugin(self, instance_id: str) -> bool:
         """Forget an instance; ``False`` if the registry did not know it."""
-        return bool(await self._call("unregister", {"id": instance_id}))
+        return bool(await self._call("unregister", {"id": instance_id}, instance=instance_id))
 
     async def get_plugin(self, name_or_id: str, *, version: str | None = None) -> PluginInfo | None:
         """The instance with this id, or the healthiest newest instance of this name (whose version
@@ -96,5 +96,5 @@ class PluginRegistry:
         Not traced, on purpose: every instance beats every 2 s, so one span per beat would bury
         the traces that matter in Jaeger under thousands of one-span traces an hour.
         """
-        await publish(self._nc, self._subjects.registry("heartbeat"), dumps(info.model_dump(mode="json")),
+        await publish(self._nc, self._subjects.registry_own("heartbeat", info.id), dumps(info.model_dump(mode="json")),
                       plugin=info.name, what="heartbeat")

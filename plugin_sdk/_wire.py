@@ -96,6 +96,11 @@ class Subjects:
     def registry(self, verb: str) -> str:
         return f"{self.prefix}.registry.{verb}"
 
+    def registry_own(self, verb: str, instance_id: str) -> str:
+        """``register`` / ``heartbeat`` / ``unregister`` of one instance's own entry: the id is in the
+        subject so that nats-server can allow an instance to write its own entry and no other."""
+        return f"{self.prefix}.registry.{verb}.{instance_id}"
+
     def control(self, instance_id: str, verb: str) -> str:
         return f"{self.prefix}.control.{instance_id}.{verb}"
 
@@ -115,6 +120,11 @@ class Subjects:
     def state_bucket(self, name: str) -> str:
         return f"{self.prefix}_state_{name}"
 
+
+#: Registry verbs that write one instance's entry (sent on ``<prefix>.registry.<verb>.<instance>``).
+REGISTRY_OWN_VERBS: Final = ("register", "heartbeat", "unregister")
+#: Registry verbs that only read.
+REGISTRY_READ_VERBS: Final = ("get", "list", "versions")
 
 #: Event types under ``mesh.`` are the mesh's own; plugin instances may not publish them.
 MESH_EVENTS: Final = "mesh"

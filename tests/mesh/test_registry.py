@@ -242,3 +242,30 @@ async def test_a_sweep_that_raises_is_logged_and_the_sweeper_goes_on(
         await eventually(marked, what="the sweeper to carry on after its failures")
         assert not service.failed.is_set()
     assert "registry sweep failed (it will run again" in caplog.text
+
+
+async def test_an_instance_subject_writes_only_that_instances_entry(
+        nc: NATS, prefix: str, registry: RegistryService, client: PluginRegistry) -> None:
+    from plugin_sdk import PermissionDenied
+    from plugin_sdk.host import Subjects, dumps, request, response_from_msg
+
+    subjects = Subjects(prefix)
+    await client.register_plugin(info("victim-1"))  # (the SDK writes on register.victim-1)
+    assert (await client.get_plugin("victim-1")) is not None
+    # From the subject of "rogue-1", an attempt at the victim's entry is refused, naming both.
+    for verb, body in (("register", info("victim-1").model_dump(mode="json")), ("unregister", {"id": "victim-1"})):
+        reply = await request(nc, subjects.registry_own(verb, "rogue-1"), dumps(body), headers=None, timeout=5)
+        with pytest.raises(PermissionDenied, match=r"may change only the entry of 'rogue-1', not 'victim-1'"):
+            response_from_msg(reply).raise_for_error()
+    await nc.publish(subjects.registry_own("heartbeat", "rogue-1"),
+                     dumps(info("victim-1", version="6.6.6").model_dump(mode="json")))
+    # Beats on one subscription are handled in order: once a later, legitimate one has landed, the
+    # forged one has been dealt with.
+    await client.heartbeat(info("marker-1"))
+
+    async def marker() -> bool:
+        return await client.get_plugin("marker-1") is not None
+
+    await eventually(marker, what="the later heartbeat to land")
+    victim = await client.get_plugin("victim-1")
+    assert victim is not None and victim.version == "1.0.0"  # neither overwritten nor removed
