@@ -21,6 +21,7 @@ as :class:`HandlerError`, carrying the remote exception's type name and message.
     ├── ResourceError                 a limit was hit
     │   └── PayloadTooLarge           the message exceeds the server's or plugin's limit
     ├── PermissionDenied              the plugin's permissions refuse the operation
+    │   └── SignatureInvalid          a plugin package is unsigned, signed by an untrusted key, or altered
     ├── StateError                    the plugin's KV state failed (.bucket, .key)
     │   ├── StateConflict             compare-and-set lost: the revision moved on
     │   ├── StateTimeout              JetStream did not answer in time (a write may have landed)
@@ -50,6 +51,7 @@ __all__ = [
     "ProtocolMismatch",
     "RequestTimeout",
     "ResourceError",
+    "SignatureInvalid",
     "StateConflict",
     "StateError",
     "StateNotFound",
@@ -244,3 +246,11 @@ def error_class(name: str) -> type[PluginError] | None:
     Looked up at call time so that subclasses defined by plugin packages are found too.
     """
     return _all_subclasses(PluginError).get(name)
+
+
+class SignatureInvalid(PermissionDenied):
+    """A plugin package was refused: unsigned (where signatures are required), signed by a key not
+    in the trust store, or not what was signed (a file changed, added or removed; a symlink; a path
+    outside the package). The message names the package and the key or the file."""
+
+    code = 403

@@ -1,0 +1,3 @@
+"""What the greeter says: the signing tests change this file to tell one copy from another."""
+
+GREETING = "hello"
