@@ -22,7 +22,7 @@ from plugin_sdk import (
 )
 from plugin_sdk.host import NatsServerError, Subjects
 
-from ._connect import DEFAULT_URL, close, connect, default_prefix, default_url
+from ._connect import DEFAULT_URL, ENV, close, connect, default_prefix, default_url
 
 T = TypeVar("T")
 
@@ -39,6 +39,36 @@ NatsOpt = Annotated[str | None, typer.Option("--nats", help=f"NATS URL (env MESH
                                              show_default=False)]
 PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Subject prefix of the mesh (env MESH_PREFIX; "
                                                "default mesh).", show_default=False)]
+
+# Connection security, options of `mesh` itself (`mesh --tls-ca ca.pem ls`): each a file path, never the
+# secret itself. The root callback exports them (as absolute paths) into the environment, where every
+# connect() reads them, and so do the processes the command starts (an agent's plugin hosts).
+_SECURITY_PANEL = "Connection security (file paths; also for the processes a command starts)"
+CredsOpt = Annotated[str | None, typer.Option("--creds", metavar="FILE", show_default=False,
+                                              rich_help_panel=_SECURITY_PANEL,
+                                              help="NATS credentials file (.creds: user JWT + nkey seed); env "
+                                              "MESH_CREDS.")]
+TlsCaOpt = Annotated[str | None, typer.Option("--tls-ca", metavar="FILE", show_default=False,
+                                              rich_help_panel=_SECURITY_PANEL,
+                                              help="CA certificate (PEM) to verify the server with; means TLS "
+                                              "(tls://); env MESH_TLS_CA.")]
+TlsCertOpt = Annotated[str | None, typer.Option("--tls-cert", metavar="FILE", show_default=False,
+                                                rich_help_panel=_SECURITY_PANEL,
+                                                help="Client certificate (PEM) for mTLS; env MESH_TLS_CERT.")]
+TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", metavar="FILE", show_default=False,
+                                               rich_help_panel=_SECURITY_PANEL,
+                                               help="The client certificate's private key (PEM, unencrypted); "
+                                               "env MESH_TLS_KEY.")]
+
+
+def export_security(*, creds: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    """Put the security options that were given into this process's environment (absolute paths),
+    where connect() and every child process read them; options not given leave the environment be."""
+    for field, value in (("creds", creds), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if value:
+            os.environ[ENV[field]] = str(Path(value).expanduser().absolute())
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
 

@@ -26,10 +26,14 @@ from plugin_sdk import (
 from plugin_sdk.host import NatsServerError, Subjects, check_event_type, open_bucket, validate_name
 
 from ._cli_common import (
+    CredsOpt,
     JsonOpt,
     NatsOpt,
     PrefixOpt,
     TimeoutOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
     UserError,
     _fail,
     _payload,
@@ -40,6 +44,7 @@ from ._cli_common import (
     _with_nc,
     app,
     err,
+    export_security,
     out,
     state_app,
     styled_state,
@@ -63,8 +68,13 @@ def _show_version(value: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
                                           help="Print the version and exit.")] = False,
+    creds: CredsOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """groundhog: a distributed plugin mesh over NATS."""
+    export_security(creds=creds, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 
 
 # --------------------------------------------------------------------------------------------

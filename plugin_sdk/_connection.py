@@ -9,6 +9,10 @@
   and also when the server closes the connection with an ``-ERR`` (say a "maximum payload
   violation"), where nats-py would close the client for good: see :class:`MeshClient`.
 - The password of a URL never appears in a message or a log line (``user:***@host``).
+- Security settings are file paths (``tls_ca``, ``tls_cert``, ``tls_key``, ``creds``, ``nkey_seed``),
+  checked before connecting. A client that asked for TLS never talks plaintext (nats-py would, to
+  a server without TLS), and a refusal says what to give: the CA (``--tls-ca``), a client
+  certificate (``--tls-cert``/``--tls-key``) or credentials (``--creds``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import math
 import re
 import ssl
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +43,18 @@ SCHEMES = ("nats", "tls", "ws", "wss")
 
 #: Seconds a close may take before the client is abandoned.
 CLOSE_TIMEOUT = 2.0
+
+
+class _QuietTlsEof(logging.Filter):
+    """asyncio warns on every TLS connection the server ends, because nats-py's stream protocol
+    asks to keep a half-closed socket open, which TLS cannot do: noise, not news (and on stderr
+    of a CLI command that has no logging set up)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 _HOST_PORT = re.compile(r"^[^\s/:@]+:\d+$")
 
@@ -145,13 +163,110 @@ class MeshClient(Client):
 
 
 def _is_auth(exc: BaseException | None) -> bool:
-    return isinstance(exc, nats.errors.AuthorizationError) or (
-        exc is not None and AUTHORIZATION_VIOLATION in str(exc).lower())
+    if exc is None:
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.AuthorizationError) or AUTHORIZATION_VIOLATION in text or (
+        "user authentication" in text)  # 'User Authentication Expired' / 'Revoked' (JWT credentials)
 
 
-def _is_fatal(exc: BaseException) -> bool:
+def _is_fatal(exc: BaseException, info: dict[str, Any]) -> bool:
     """What retrying within the connect deadline will not fix."""
-    return _is_auth(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+    # Under mTLS, a client certificate the server refuses ends in a reset just after the handshake.
+    return _is_auth(exc) or isinstance(exc, ssl.SSLError) or (
+        bool(info.get("tls_verify")) and isinstance(exc, ConnectionError))
+
+
+@dataclass(frozen=True)
+class _Security:
+    """What this client brings, for the failure messages: file paths and flags, never a secret."""
+
+    tls: bool = False  # TLS asked for: a tls:// URL, or any tls_* option
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    creds: str | None = None
+    nkey_seed: str | None = None
+    token: bool = False
+
+    def refused(self, cause: BaseException, info: dict[str, Any]) -> str:
+        said = str(cause).removeprefix("nats: ").strip("'\" ")
+        said = f" ({said})" if said and AUTHORIZATION_VIOLATION not in said.lower() else ""
+        if self.creds:
+            return f"the server refused the credentials in {self.creds}{said}"
+        if self.nkey_seed:
+            return f"the server refused the nkey in {self.nkey_seed}{said}"
+        if self.token:
+            return f"the server refused the token{said}"
+        if info.get("auth_required") and not said:
+            return ("the server requires credentials: give --creds (env MESH_CREDS), or user:password@ in the URL "
+                    "(if these are there, it refused them)")
+        return f"the server refused the user and password (or token){said}"
+
+
+def _read_secret(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails to load instead of prompting on the terminal
+
+
+def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    """Verifies the server against ``ca`` (default: the system's CAs); presents ``cert`` if given."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError as exc:
+        raise ConnectionFailed(f"TLS CA file {ca} holds no usable PEM certificate ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot read TLS CA file {ca}: {exc.strerror or exc}") from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key, password=_no_password)
+        except ssl.SSLError as exc:
+            raise ConnectionFailed(f"TLS client certificate {cert} with key {key or cert} does not load "
+                                   f"({exc.reason or exc}): both PEM, the key unencrypted and the certificate's own"
+                                   ) from None
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot read TLS client certificate {cert} or its key {key or cert}: "
+                                   f"{exc.strerror or exc}") from None
+    return context
+
+
+def _security_options(servers: list[str], *, tls_ca: str | Path | None, tls_cert: str | Path | None,
+                      tls_key: str | Path | None, creds: str | Path | None, nkey_seed: str | Path | None,
+                      token: str | None) -> tuple[dict[str, Any], _Security]:
+    """nats-py options for the given files, each checked first (:class:`ConnectionFailed` saying which)."""
+    ca, cert, key = (str(v) if v is not None else None for v in (tls_ca, tls_cert, tls_key))
+    if key is not None and cert is None:
+        raise ConnectionFailed(f"a TLS client key ({key}) without its certificate: give --tls-cert too")
+    opts: dict[str, Any] = {}
+    wants_tls = ca is not None or cert is not None or any(urlsplit(s).scheme.lower() == "tls" for s in servers)
+    if ca is not None or cert is not None:
+        opts["tls"] = _tls_context(ca, cert, key)
+    creds_file = str(creds) if creds is not None else None
+    if creds_file is not None:
+        text = _read_secret(creds_file, "credentials file")
+        # nats-py would fail on (or loop over) a file without both blocks: say so here instead.
+        if b"BEGIN NATS USER JWT" not in text or b"BEGIN USER NKEY SEED" not in text:
+            raise ConnectionFailed(f"cannot read credentials file {creds_file}: not a NATS .creds file (it needs "
+                                   "a NATS USER JWT and a USER NKEY SEED block)")
+        opts["user_credentials"] = creds_file
+    seed_file = str(nkey_seed) if nkey_seed is not None else None
+    if seed_file is not None:
+        import nkeys
+
+        try:
+            nkeys.from_seed(bytearray(_read_secret(seed_file, "nkey seed file").strip())).wipe()
+        except nkeys.NkeysError:
+            raise ConnectionFailed(f"nkey seed file {seed_file} holds no valid nkey seed") from None
+        opts["nkeys_seed"] = seed_file
+    if token is not None:
+        opts["token"] = token
+    return opts, _Security(tls=wants_tls, tls_ca=ca, tls_cert=cert, creds=creds_file, nkey_seed=seed_file,
+                           token=token is not None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -159,13 +274,27 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text and text != type(exc).__name__ else type(exc).__name__
 
 
-def _failure(shown: str, exc: BaseException, seen: BaseException | None, *, deadline: float, hint: str) -> str:
+def _failure(shown: str, exc: BaseException, seen: BaseException | None, *, deadline: float, hint: str,
+             security: _Security, info: dict[str, Any], first: str) -> str:
     cause = seen or exc
     if _is_auth(cause):
-        return f"authorization failed at {shown}: the server refused the user and password (or token)"
+        return f"authorization failed at {shown}: {security.refused(cause, info)}"
+    if info.get("tls_required") and not security.tls and isinstance(cause, OSError):
+        # nats-py upgrades to TLS by itself, trusting the system's CAs only: verifying fails.
+        return (f"the server at {shown} requires TLS: use tls://{_where(first)} and --tls-ca (env MESH_TLS_CA) "
+                "with the CA that signed its certificate")
+    if info.get("tls_verify") and security.tls_cert is None and isinstance(cause, OSError) and not isinstance(
+            cause, ssl.SSLCertVerificationError):
+        return (f"the server at {shown} requires a client certificate (mTLS): give --tls-cert and --tls-key "
+                "(env MESH_TLS_CERT, MESH_TLS_KEY)")
     if isinstance(cause, ssl.SSLCertVerificationError):
+        trust = (f"it is not signed by the CA in {security.tls_ca}" if security.tls_ca
+                 else "give the CA that signed it with --tls-ca, env MESH_TLS_CA")
         return (f"TLS: certificate verify failed for {shown}: {cause.verify_message or cause.reason} "
-                "(the server's certificate is not trusted by this client)")
+                f"(the server's certificate is not trusted by this client: {trust})")
+    if info.get("tls_verify") and isinstance(cause, ConnectionError | ssl.SSLError):
+        return (f"TLS: the server at {shown} refused this client's certificate ({security.tls_cert}): it must be "
+                "signed by a CA the server trusts")
     if isinstance(cause, ssl.SSLError):
         return f"TLS: handshake with {shown} failed: {cause.reason or cause}"
     if isinstance(cause, nats.errors.SecureConnRequiredError | nats.errors.SecureConnWantedError):
@@ -177,16 +306,27 @@ def _failure(shown: str, exc: BaseException, seen: BaseException | None, *, dead
 
 async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: float = 0.25,
                   connect_timeout: float = 2.0, deadline: float | None = None, hint: str = "",
+                  tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                  tls_key: str | Path | None = None, creds: str | Path | None = None,
+                  nkey_seed: str | Path | None = None, token: str | None = None,
                   **options: Any) -> MeshClient:
     """Connect to ``url``, trying for ``wait`` seconds at start, within ``deadline`` seconds overall
     (default ``wait`` plus a few connect timeouts).
 
-    Raises :class:`ConnectionFailed` saying what failed: an invalid URL, a refused authorization,
-    TLS, or no server answering (``hint`` is appended to that last one). Once connected, the
-    client reconnects forever.
+    Security, every secret as a file path: ``tls_ca`` (verify the server against this CA, else the
+    system's), ``tls_cert`` and ``tls_key`` (present a client certificate, for mTLS), ``creds`` (a
+    NATS ``.creds`` file: user JWT and nkey seed), ``nkey_seed`` (a file holding a user nkey seed);
+    ``token`` is the one value. Giving a TLS file (or a ``tls://`` URL) means TLS or nothing.
+
+    Raises :class:`ConnectionFailed` saying what failed: an invalid URL, an unreadable file, a
+    refused authorization, TLS (the server requires it, a certificate nobody trusts, a missing
+    client certificate), or no server answering (``hint`` is appended to that last one). Once
+    connected, the client reconnects forever.
     """
     servers = parse_urls(url)
     shown = redact(url)
+    secure, security = _security_options(servers, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, creds=creds,
+                                         nkey_seed=nkey_seed, token=token)
     total = deadline if deadline is not None else wait + 2 * connect_timeout + 1.0
     nc = MeshClient()
     seen: list[BaseException] = []
@@ -199,7 +339,7 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
             return
         log.debug("nats: %s", _describe(exc))  # while connecting: the failure message says it
         seen.append(exc)
-        if _is_fatal(exc) and limit:  # waiting will not help: end the connect now
+        if _is_fatal(exc, nc._server_info) and limit:  # waiting will not help: end the connect now
             limit[0].reschedule(asyncio.get_running_loop().time())
 
     async def on_disconnect() -> None:
@@ -213,7 +353,7 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
     attempts = max(1, math.ceil(wait / reconnect_wait))
     # (nats-py annotates both seconds options as int; it takes floats.)
     opts: dict[str, Any] = {"ping_interval": 10, "max_outstanding_pings": 3, "reconnect_time_wait": reconnect_wait,
-                            "connect_timeout": connect_timeout, **options}
+                            "connect_timeout": connect_timeout, **secure, **options}
     try:
         async with asyncio.timeout(total) as timeout:
             limit.append(timeout)
@@ -221,9 +361,16 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
                              disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, **opts)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         connecting = False
+        info = dict(nc._server_info or {})
         await _abandon(nc)
-        raise ConnectionFailed(_failure(shown, exc, seen[-1] if seen else None, deadline=total, hint=hint)) from None
+        raise ConnectionFailed(_failure(shown, exc, seen[-1] if seen else None, deadline=total, hint=hint,
+                                        security=security, info=info, first=servers[0])) from None
     connecting = False
+    if security.tls and not nc._server_info.get("tls_required") and (
+            nc.connected_url is None or nc.connected_url.scheme in ("nats", "tls")):
+        await _abandon(nc)  # nats-py upgrades only when the server asks: this one talks plaintext
+        raise ConnectionFailed(f"TLS: the server at {shown} does not use TLS, and this client asked for it "
+                               "(tls://, --tls-ca or --tls-cert): refusing a plaintext connection")
     # From now on, never give up reconnecting: a restarted server must not orphan a plugin.
     nc.options["max_reconnect_attempts"] = -1
     return nc

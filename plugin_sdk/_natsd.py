@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -75,9 +76,18 @@ class NatsServer:
 
     def __init__(self, data_dir: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
                  monitor_port: int | None = None, max_payload: int | None = None,
-                 binary: str | None = None, config: str | None = None) -> None:
+                 binary: str | None = None, config: str | None = None,
+                 tls: tuple[str | Path, str | Path, str | Path | None] | None = None, verify: bool = False,
+                 tls_timeout: float = 3.0) -> None:
         """``config`` is extra nats-server configuration (its file syntax), e.g. an ``authorization``
-        or ``tls`` block; with ``max_payload`` it goes into ``nats-server.conf`` in ``data_dir``."""
+        block; with ``max_payload`` and ``tls`` it goes into ``nats-server.conf`` in ``data_dir``.
+
+        ``tls=(cert_file, key_file, ca_file)`` makes clients use TLS (``tls://``, see :attr:`url`);
+        ``ca_file`` (may be None without ``verify``) is what client certificates are checked against,
+        and ``verify=True`` requires one (mTLS). ``tls_timeout``: seconds a client has for the handshake.
+        """
+        if verify and (tls is None or tls[2] is None):
+            raise ValueError("NatsServer(verify=True) needs tls=(cert_file, key_file, ca_file) with a ca_file")
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
@@ -85,12 +95,27 @@ class NatsServer:
         self.max_payload = max_payload
         self.binary = binary
         self.config = config
+        self.tls = tls
+        self.verify = verify
+        self.tls_timeout = tls_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        """``nats://host:port``, or ``tls://host:port`` when it requires TLS."""
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+    def tls_config(self) -> str:
+        """The ``tls { … }`` block for :attr:`tls` and :attr:`verify` ("" without TLS)."""
+        if self.tls is None:
+            return ""
+        cert, key, ca = self.tls
+        lines = [f"  cert_file: {json.dumps(str(cert))}", f"  key_file: {json.dumps(str(key))}"]
+        if ca is not None:
+            lines.append(f"  ca_file: {json.dumps(str(ca))}")
+        lines += [f"  verify: {'true' if self.verify else 'false'}", f"  timeout: {self.tls_timeout:g}"]
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
 
     @property
     def log_file(self) -> Path:
@@ -135,10 +160,10 @@ class NatsServer:
                "-l", str(self.log_file), "-n", f"mesh-{self.port}"]
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
-        if self.max_payload or self.config:
+        if self.max_payload or self.config or self.tls:
             conf = self.data_dir / "nats-server.conf"
             text = f"max_payload: {self.max_payload}\n" if self.max_payload else ""
-            conf.write_text(text + (self.config or "") + "\n")
+            conf.write_text(text + self.tls_config() + (self.config or "") + "\n")
             cmd += ["-c", str(conf)]
         # Own session: a Ctrl-C in the terminal reaches `mesh up`, which stops the server last.
         try:
@@ -195,6 +220,8 @@ class NatsServer:
             return False
 
     def _accepts_clients(self) -> bool:
+        # With TLS too: nats-server sends its INFO line in plaintext before the client's TLS
+        # handshake (only a server configured with handshake_first would not, and ours is not).
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                 return s.recv(4).startswith(b"INFO")
