@@ -65,6 +65,7 @@ from plugin_sdk.host import (
 )
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
+from ._pki import plugin_tls_env
 from ._service import json_handler
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
@@ -466,6 +467,8 @@ class Agent:
         # process's command line, only its user its environment. `mesh run` reads MESH_NATS_URL.
         env = dict(os.environ, MESH_NATS_URL=self.nats_url, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts),
                    MESH_LAST_ERROR=p.last_error)
+        # Under `mesh up --mtls` (MESH_PKI_DIR set): the plugin's own client certificate, not the agent's.
+        env.update(plugin_tls_env(p.name))
         started, started_wall = time.monotonic(), time.time()
         p.unresponsive = ""
         proc = p.proc = await asyncio.create_subprocess_exec(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shlex
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -17,14 +21,15 @@ from plugin_sdk import ConfigError, __version__
 from plugin_sdk.host import NatsServer, Subjects, check_protocol
 
 from ._agent import Agent
-from ._connect import close, connect, redact
+from ._connect import ClientSecurity, close, connect, redact
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
+from ._pki import ISSUER_ENV, Pki
 from ._registry import RegistryService
 from ._service import stop_on_signals, wait_any
 from ._telemetry import setup_tracing
 
-__all__ = ["MeshFile", "PluginEntry", "load_mesh_file", "run_up"]
+__all__ = ["MeshFile", "PluginEntry", "Security", "load_mesh_file", "run_up"]
 
 log = logging.getLogger("mesh.up")
 
@@ -112,9 +117,80 @@ async def stop_in_reverse(agent: Agent, started: list[list[str]]) -> None:
         await asyncio.gather(*(agent.unload(i) for i in ids if i in agent.placements))
 
 
+@dataclass(frozen=True)
+class Security:
+    """How `mesh up` secures its embedded nats-server and its clients: one switch per field.
+
+    ``tls``: clients must use TLS, with a CA of our own made once under ``<data dir>/pki``
+    (``mesh/_pki.py``); ``mtls``: TLS, and every client presents a certificate of that CA (`mesh
+    up`'s own connection as ``admin``, each plugin host as its plugin, made by the agent).
+    """
+
+    tls: bool = False
+    mtls: bool = False
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.mtls
+
+    @property
+    def embedded_only(self) -> list[str]:
+        """The switches that configure the embedded server (refused with a server of the user's own)."""
+        return [flag for flag, on in (("--tls", self.tls), ("--mtls", self.mtls)) if on]
+
+
+@dataclass
+class Secured:
+    """What the switches of :class:`Security` made for one start."""
+
+    server: dict[str, Any] = field(default_factory=dict)  # NatsServer options (tls=, verify=)
+    client: ClientSecurity | None = None  # mesh up's own connection (None: the environment's)
+    env: dict[str, str] = field(default_factory=dict)  # for the processes the agent starts
+    export: dict[str, str] = field(default_factory=dict)  # how a CLI in another shell reaches the mesh
+    describe: str = ""  # for the server's ready line
+
+    def export_line(self, url: str) -> str:
+        settings = {"MESH_NATS_URL": url, **self.export}
+        return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
+
+
+def secure(security: Security, data_dir: Path) -> Secured:
+    """Make (once) or load the certificates the switches need, under ``data_dir / "pki"``."""
+    if not security.uses_tls:
+        return Secured()
+    pki = Pki(data_dir / "pki")
+    ca = pki.ca()
+    server = pki.server()
+    out = Secured(server={"tls": (server.cert, server.key, ca), "verify": security.mtls},
+                  client=ClientSecurity(tls_ca=ca), env={"MESH_TLS_CA": str(ca)}, export={"MESH_TLS_CA": str(ca)},
+                  describe="TLS")
+    if security.mtls:
+        admin = pki.client("admin")
+        out.client = ClientSecurity(tls_ca=ca, tls_cert=admin.cert, tls_key=admin.key)
+        out.env[ISSUER_ENV] = str(pki.directory)  # the agent gives each plugin host its own certificate
+        out.export.update(MESH_TLS_CERT=str(admin.cert), MESH_TLS_KEY=str(admin.key))
+        out.describe = "mTLS: client certificates required"
+    return out
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (where the agent's children get theirs) while inside."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                 say: Callable[[str], None], stop: asyncio.Event) -> int:
-    nc = await connect(url, name="mesh up", wait=5)
+                 say: Callable[[str], None], stop: asyncio.Event, client: ClientSecurity | None = None) -> int:
+    nc = await connect(url, name="mesh up", wait=5, security=client)
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
     code = 0
@@ -138,25 +214,35 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
 
 
 def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path | None,
-           say: Callable[[str], None], prefix: str | None = None) -> int:
+           say: Callable[[str], None], prefix: str | None = None, security: Security | None = None) -> int:
     """Blocking: run everything until SIGINT/SIGTERM, then stop it all, children first."""
+    security = security or Security()
+    if nats_url is not None and security.embedded_only:
+        raise ValueError(f"{'/'.join(security.embedded_only)} secure the embedded nats-server, and --nats uses a "
+                         "running one: give one or the other (for a server of your own: mesh --tls-ca CA up --nats)")
     mesh = load_mesh_file(mesh_file) if mesh_file else MeshFile()
     base_dir = mesh_file.parent if mesh_file else Path.cwd()
     levels = plan(mesh, base_dir=base_dir.resolve(), source=str(mesh_file or "mesh.toml"))
     prefix = prefix or mesh.mesh.prefix or "mesh"
     heartbeat = mesh.mesh.heartbeat_interval or float(os.environ.get("MESH_HEARTBEAT_INTERVAL", "2"))
     server: NatsServer | None = None
+    secured = Secured()
     if nats_url is None:
-        server = NatsServer(data_dir, port=port)
+        secured = secure(security, data_dir)
+        server = NatsServer(data_dir, port=port, **secured.server)
         t0 = time.monotonic()
         server.start()  # in the main thread: the child's parent-death signal follows this thread
-        say(f"nats-server {server.url} (JetStream in {data_dir}) ready in {time.monotonic() - t0:.2f}s")
+        extra = f"; {secured.describe}" if secured.describe else ""
+        say(f"nats-server {server.url} (JetStream in {data_dir}{extra}) ready in {time.monotonic() - t0:.2f}s")
         nats_url = server.url
+        if secured.export:
+            say(f"to use it from another shell: {secured.export_line(nats_url)}")
     else:
         say(f"using NATS at {redact(nats_url)}")
     try:
-        return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
-                                 data_dir=data_dir, say=say))
+        with _environment(secured.env):
+            return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
+                                     data_dir=data_dir, say=say, client=secured.client))
     finally:
         if server is not None:
             server.stop()
@@ -164,7 +250,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
 
 
 async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                say: Callable[[str], None]) -> int:
+                say: Callable[[str], None], client: ClientSecurity | None) -> int:
     with stop_on_signals() as stop:
         return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
-                            say=say, stop=stop)
+                            say=say, stop=stop, client=client)

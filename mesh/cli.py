@@ -93,13 +93,17 @@ def up(
     file: Annotated[Path, typer.Option("--file", "-f", help="Plugins to run.")] = Path("mesh.toml"),
     prefix: Annotated[str | None, typer.Option("--prefix", envvar="MESH_PREFIX", show_default=False,
                                                help="Subject prefix (default: mesh.toml's, else mesh).")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="The embedded server requires TLS, with a CA made once under "
+                                      "<data-dir>/pki (prints how to point the CLI at it).")] = False,
+    mtls: Annotated[bool, typer.Option("--mtls", help="--tls, and every client presents a certificate of that CA "
+                                       "(each plugin its own, the CLI 'admin').")] = False,
 ) -> None:
     """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all.
 
-    With --nats (or MESH_NATS_URL) it uses that server instead; an explicit --port or --data-dir
-    means the embedded server, and --nats with --port is refused.
+    With --nats (or MESH_NATS_URL) it uses that server instead; an explicit --port, --data-dir,
+    --tls or --mtls means the embedded server, and --nats with --port (or --tls) is refused.
     """
-    from ._up import run_up
+    from ._up import Security, run_up
 
     _setup_logging()
     mesh_file = file if file.exists() else None
@@ -111,16 +115,17 @@ def up(
     def say(line: str) -> None:
         err.print(f"[green]mesh[/green] {escape(line)}", highlight=False)
 
+    security = Security(tls=tls, mtls=mtls)
     env_url = os.environ.get("MESH_NATS_URL") or None
-    embedded = port is not None or data_dir is not None
+    embedded = port is not None or data_dir is not None or security.uses_tls
     if nats_url is None and env_url and not embedded:
         nats_url = env_url
     elif nats_url is None and env_url:
-        say("MESH_NATS_URL is set, but --port/--data-dir start the embedded nats-server: not using it")
+        say("MESH_NATS_URL is set, but --port/--data-dir/--tls start the embedded nats-server: not using it")
     try:
         code = run_up(nats_url=nats_url, port=4222 if port is None else port,
                       data_dir=(data_dir or Path(".mesh")).resolve(), mesh_file=mesh_file, say=say,
-                      prefix=_prefix(prefix) if prefix else None)
+                      prefix=_prefix(prefix) if prefix else None, security=security)
     except KeyboardInterrupt:
         code = 130
     except NatsServerError as exc:
@@ -487,7 +492,7 @@ def state_keys(plugin: str, nats_url: NatsOpt = None, prefix: PrefixOpt = None) 
 app.command("trace")(trace_cmd)
 
 # The agent commands and stats/top live in their own modules; importing them registers them on ``app``.
-from . import _cli_agents, _cli_observe  # noqa: E402, F401
+from . import _cli_agents, _cli_keys, _cli_observe  # noqa: E402, F401
 
 
 def main() -> None:
