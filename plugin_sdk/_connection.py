@@ -32,7 +32,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE_CONNECTION
 
-from ._errors import ConnectionFailed
+from ._errors import ConnectionFailed, PermissionDenied
 from ._logs import BoundedLog
 
 __all__ = ["MeshClient", "close", "connect", "parse_urls", "redact"]
@@ -129,17 +129,89 @@ class MeshClient(Client):
     reconnect path instead: the same client object reconnects and resubscribes.
 
     It also keeps what nats-py reports only to ``error_cb``: :attr:`dropped` counts the messages
-    each subscription lost as a slow consumer (its pending queue full), by subscription subject.
+    each subscription lost as a slow consumer (its pending queue full), by subscription subject,
+    and :attr:`denied` the server's permission violations, by subject. A violation fails the call
+    that caused it at once with :class:`PermissionDenied` (nats-py would let a request time out):
+    :meth:`request` (every request: the SDK's, the registry's, JetStream's) watches for a
+    violation of its subject while it waits, and :meth:`check_subscribed` raises one for a
+    subscription after the flush that follows it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         #: Messages dropped because the subscription's pending queue was full, by subscription subject.
         self.dropped: Counter[str] = Counter()
+        #: Permission violations the server reported, by (operation, subject): ("publish", "x.y"). The
+        #: subject as nats-py reports it: lowercased (so ``$js.api…``).
+        self.denied: Counter[tuple[str, str]] = Counter()
+        self._enforced: bool | None = None
+        self._waiting: dict[str, set[asyncio.Future[str]]] = {}
         self._async_log = BoundedLog(log, burst=1, period=10.0)  # once per burst, then a count
+        self._denied_log = BoundedLog(log, burst=5, period=10.0)
+
+    @property
+    def enforced(self) -> bool:
+        """Whether this client connected with an identity the server may hold to permissions (then its
+        requests watch for violations); anonymous clients have none to break."""
+        if self._enforced is None:
+            o = self.options  # (nats-py keeps the key-based credentials in attributes, the rest in options)
+            self._enforced = bool(getattr(self, "_user_credentials", None) or getattr(self, "_nkeys_seed", None)
+                                  or getattr(self, "_nkeys_seed_str", None) or getattr(self, "_user_jwt_cb", None)
+                                  or o.get("user") or o.get("token"))
+        return self._enforced
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
+                      headers: dict[str, Any] | None = None) -> Any:
+        if not self.enforced:  # nothing to watch for: nats-py's own request, unchanged (the hot path)
+            return await super().request(subject, payload, timeout=timeout, old_style=old_style, headers=headers)
+        denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        key = subject.lower()  # nats-py reports the violated subject lowercased
+        self._waiting.setdefault(key, set()).add(denied)
+        reply: asyncio.Future[Any] = asyncio.ensure_future(super().request(
+            subject, payload, timeout=timeout, old_style=old_style, headers=headers))
+        try:
+            await asyncio.wait([reply, denied], return_when=asyncio.FIRST_COMPLETED)
+            if not reply.done():
+                raise PermissionDenied(f"the NATS server refused to let this client publish to {subject!r} "
+                                       f"(its credentials do not allow it): {denied.result()}", subject=subject)
+            return reply.result()
+        finally:
+            if not reply.done():
+                reply.cancel()
+                await asyncio.gather(reply, return_exceptions=True)
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(denied)
+                if not waiting:
+                    del self._waiting[key]
+
+    def check_subscribed(self, subject: str) -> None:
+        """Raise :class:`PermissionDenied` if the server refused a subscription to ``subject``
+        (call it after a flush: the server's -ERR comes before its PONG)."""
+        if self.denied.get(("subscribe", subject.lower())):
+            raise PermissionDenied(f"the NATS server refused to let this client subscribe to {subject!r} "
+                                   "(its credentials do not allow it)", subject=subject)
+
+    def _note_violation(self, text: str) -> bool:
+        """Count a permissions violation (``nats: permissions violation for publish to "x"``) and fail
+        the requests waiting on its subject; False if ``text`` is not one."""
+        match = _VIOLATION.search(text)
+        if match is None:
+            return False
+        operation = "publish" if match["op"].lower() == "publish" else "subscribe"
+        subject = match["subject"].lower()
+        self.denied[(operation, subject)] += 1
+        if self.denied[(operation, subject)] == 1:  # once per subject (and bounded in rate)
+            self._denied_log.warning("permission denied by the NATS server: %s to %s", operation, subject)
+        for waiter in self._waiting.get(subject, ()):
+            if not waiter.done():
+                waiter.set_result(text)
+        return True
 
     def note_async_error(self, exc: Exception) -> None:
         """Count and log (at WARNING, once per burst) an error nats-py reported asynchronously."""
+        if self._note_violation(str(exc)):
+            return
         if isinstance(exc, nats.errors.SlowConsumerError):
             subject = exc.sub.subject if exc.sub is not None else exc.subject
             self.dropped[subject] += 1
@@ -160,6 +232,9 @@ class MeshClient(Client):
         log.error("NATS server closed the connection: %s; reconnecting", text)
         await self._error_cb(error)
         await self._process_op_err(error)
+
+
+_VIOLATION = re.compile(r'permissions violation for (?P<op>publish|subscription) to "(?P<subject>[^"]*)"', re.I)
 
 
 def _is_auth(exc: BaseException | None) -> bool:
@@ -331,6 +406,7 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
     nc = MeshClient()
     seen: list[BaseException] = []
     limit: list[asyncio.Timeout] = []
+    closing: set[asyncio.Future[None]] = set()
     connecting = True
 
     async def on_error(exc: Exception) -> None:
@@ -347,8 +423,13 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
             log.warning("disconnected from NATS; reconnecting")
 
     async def on_reconnect() -> None:
-        log.warning("reconnected to NATS at %s", _where(nc.connected_url.geturl()) if nc.connected_url
-                    else _where(servers[0]))
+        where = _where(nc.connected_url.geturl()) if nc.connected_url else _where(servers[0])
+        if _plaintext(nc, security):  # a server without TLS where there was one: never carry on in plaintext
+            log.error("reconnected to NATS at %s without TLS, which this client asked for: closing the connection",
+                      where)
+            closing.add(asyncio.ensure_future(nc.close()))  # not awaited here: close cancels this callback's task
+            return
+        log.warning("reconnected to NATS at %s", where)
 
     attempts = max(1, math.ceil(wait / reconnect_wait))
     # (nats-py annotates both seconds options as int; it takes floats.)
@@ -366,14 +447,19 @@ async def connect(url: str, *, name: str, wait: float = 0.0, reconnect_wait: flo
         raise ConnectionFailed(_failure(shown, exc, seen[-1] if seen else None, deadline=total, hint=hint,
                                         security=security, info=info, first=servers[0])) from None
     connecting = False
-    if security.tls and not nc._server_info.get("tls_required") and (
-            nc.connected_url is None or nc.connected_url.scheme in ("nats", "tls")):
+    if _plaintext(nc, security):
         await _abandon(nc)  # nats-py upgrades only when the server asks: this one talks plaintext
         raise ConnectionFailed(f"TLS: the server at {shown} does not use TLS, and this client asked for it "
                                "(tls://, --tls-ca or --tls-cert): refusing a plaintext connection")
     # From now on, never give up reconnecting: a restarted server must not orphan a plugin.
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _plaintext(nc: Client, security: _Security) -> bool:
+    """Connected without TLS although TLS was asked for (nats-py upgrades only when the server asks)."""
+    return security.tls and not nc._server_info.get("tls_required") and (
+        nc.connected_url is None or nc.connected_url.scheme in ("nats", "tls"))
 
 
 async def _abandon(nc: Client) -> None:

@@ -389,8 +389,16 @@ class PluginMessaging:
     async def subscribe_to_events(self, pattern: str) -> EventSubscription:
         """Events whose type matches ``pattern`` (NATS wildcards), as an async iterator."""
         self.check_subscribe(pattern)
-        sub = await self._nc.subscribe(self.subjects.event(pattern))
+        subject = self.subjects.event(pattern)
+        sub = await self._nc.subscribe(subject)
         await self._nc.flush()  # subscribed at the server when this returns: no event published after is missed
+        refused = getattr(self._nc, "check_subscribed", None)  # (a MeshClient knows what the server refused)
+        if refused is not None:
+            try:
+                refused(subject)
+            except PermissionDenied:
+                await sub.unsubscribe()
+                raise
         return EventSubscription(sub, self.subjects, pattern, self._subscriptions)
 
     async def close(self) -> None:

@@ -421,6 +421,10 @@ class PluginRuntime:
         # NATS micro (ADR-32) discovery: $SRV.PING/INFO/STATS, last so INFO lists every endpoint.
         self._subs += await subscribe_micro(self)
         await self.nc.flush()  # the server has every subscription before we call ourselves serving
+        refused = getattr(self.nc, "check_subscribed", None)  # (a MeshClient: the server's word on each)
+        if refused is not None:
+            for sub in self._subs:
+                refused(sub.subject)
 
     async def _on_request(self, ep: EndpointStats, msg: Msg) -> None:
         self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
@@ -670,6 +674,7 @@ class PluginRuntime:
             "restarts": int(self.supervision.get("restarts", 0)), "agent": self.supervision.get("agent", ""),
             "inflight": len(self._inflight), "max_concurrency": c.max_concurrency, "queued": len(self._queue),
             "dropped": self._dropped(),
+            "permission_denied": {f"{op} {subject}": n for (op, subject), n in getattr(self.nc, "denied", {}).items()},
             **self.stats.snapshot(), "resources": self.resources.sample(), "custom": self.metrics.snapshot(),
         }
 

@@ -144,6 +144,53 @@ def registry_versions_key(name: str) -> str:
     return f"versions.{name}"
 
 
+@dataclass(frozen=True, slots=True)
+class SubjectPermissions:
+    """What one identity may publish and subscribe to, as nats-server enforces it (allow, then deny)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    #: The identity's own reply inbox prefix (nats-py's ``inbox_prefix``): nobody else may read it.
+    inbox_prefix: str = "_INBOX"
+
+
+def inbox_prefix(instance_id: str) -> str:
+    """The reply inbox prefix of one plugin instance under ``--secure`` (``_INBOX_<instance>``)."""
+    return f"_INBOX_{instance_id}"
+
+
+def plugin_permissions(subjects: Subjects, *, name: str, instance_id: str, send: list[str], publish: list[str],
+                       subscribe: list[str], dependencies: list[str]) -> SubjectPermissions:
+    """Everything one plugin instance needs on the wire and nothing more: its ``permissions``
+    (``send``: plugin-name patterns; ``publish``/``subscribe``: event-type patterns) plus what the
+    runtime itself does (serve its subjects, its registry entry, its own KV bucket, NATS micro,
+    replies). Built here, beside the subjects it names, so the two cannot drift apart.
+    """
+    p = subjects.prefix
+    stream = f"KV_{subjects.state_bucket(name)}"
+    pub: list[str] = []
+    for target in send:
+        pub += [f"{p}.plugin.{target}", f"{p}.plugin.{target}.>", f"{p}.broadcast.{target}"]
+        if target in ("*", ">"):
+            pub.append(f"{p}.broadcast")  # to every plugin
+    pub += [f"{p}.event.{pattern}" for pattern in publish]
+    pub += [subjects.registry(verb) for verb in REGISTRY_READ_VERBS]
+    pub += [subjects.registry_own(verb, instance_id) for verb in REGISTRY_OWN_VERBS]
+    # Its own state bucket, as nats-py's KV client uses it (the bucket itself is made by the admin).
+    pub += [kv_subject(subjects.state_bucket(name), ">"), f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>"]
+    inbox = inbox_prefix(instance_id)
+    sub = [subjects.plugin(name), subjects.instance(name, instance_id), subjects.broadcast,
+           subjects.broadcast_to(name), subjects.control(instance_id, ">"), "$SRV.>", f"{inbox}.>"]
+    sub += [f"{p}.event.{pattern}" for pattern in subscribe]
+    sub += [f"{p}.event.{health_event(dep)}" for dep in dependencies]
+    return SubjectPermissions(publish=tuple(dict.fromkeys(pub)), subscribe=tuple(dict.fromkeys(sub)),
+                              publish_deny=(f"{p}.event.{MESH_EVENTS}.>",), inbox_prefix=inbox)
+
+
 def kv_subject(bucket: str, key: str) -> str:
     """The subject JetStream stores ``key`` of KV bucket ``bucket`` under."""
     return f"$KV.{bucket}.{key}"
