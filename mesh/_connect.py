@@ -76,5 +76,9 @@ async def connect(url: str | None = None, *, name: str = "mesh", wait: float = 0
     URL, an unreadable file, authorization, TLS, or no server), never with a secret.
     """
     chosen = security if security is not None else ClientSecurity.from_env()
+    # An instance started by an agent under --secure has its own reply inbox prefix, the only one its
+    # credentials let it read (MESH_INBOX_PREFIX, set by the agent beside MESH_CREDS).
+    inbox = os.environ.get("MESH_INBOX_PREFIX") or "_INBOX"
     return await _connect(url or default_url(), name=name, wait=wait, reconnect_wait=reconnect_wait, hint=HINT,
-                          creds=chosen.creds, tls_ca=chosen.tls_ca, tls_cert=chosen.tls_cert, tls_key=chosen.tls_key)
+                          creds=chosen.creds, tls_ca=chosen.tls_ca, tls_cert=chosen.tls_cert, tls_key=chosen.tls_key,
+                          inbox_prefix=inbox)
