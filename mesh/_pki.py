@@ -15,8 +15,10 @@ sees half a file and a key is never briefly readable by others).
 
 On the next start each file is loaded and checked: it parses, the key matches the certificate,
 the certificate was issued by *this* CA, it is valid for at least :data:`RENEW_BEFORE` more, and a
-server certificate covers every host asked for. Only what fails a check is made again; a new CA
-therefore re-issues every certificate (the old ones no longer verify against it).
+server certificate covers every host asked for. Only what fails a check is made again (a file
+that was there is replaced with a warning saying why); a new CA therefore re-issues every
+certificate (the old ones no longer verify against it). Files put there by hand (your own CA or
+server certificate, RSA, ECDSA or Ed25519) are kept as long as they pass the same checks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["CA_DAYS", "ISSUER_ENV", "LEAF_DAYS", "RENEW_BEFORE", "CertFiles", "Pki", "plugin_tls_env"]
@@ -53,7 +55,8 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-Key = ec.EllipticCurvePrivateKey
+#: Keys we make are ECDSA P-256; keys found in place (brought by the user) may also be these.
+Key = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _new_key() -> Key:
+def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -99,6 +102,11 @@ def _key_pem(key: Key) -> bytes:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _hash_for(key: Key) -> hashes.SHA256 | None:
+    """The digest to sign with ``key`` (Ed25519 and Ed448 take none)."""
+    return None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else hashes.SHA256()
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -149,8 +157,10 @@ class Pki:
         """The server certificate, for ``localhost``, ``127.0.0.1``, ``::1`` and ``hosts``."""
         wanted = list(dict.fromkeys([*DEFAULT_HOSTS, *(h.strip() for h in hosts if h.strip())]))
         files = self.server_files
-        if self._usable(files, ExtendedKeyUsageOID.SERVER_AUTH, hosts=wanted):
+        problem = self._problem(files, ExtendedKeyUsageOID.SERVER_AUTH, hosts=wanted)
+        if not problem:
             return files
+        self._replacing(files, problem)
         self._issue(files, common_name=wanted[0], sans=[_san(h) for h in wanted],
                     usage=ExtendedKeyUsageOID.SERVER_AUTH)
         log.info("made a server certificate for %s (%s)", ", ".join(wanted), files.cert)
@@ -161,8 +171,10 @@ class Pki:
         if not _NAME.match(name):
             raise ValueError(f"invalid certificate name {name!r}: letters, digits, '_', '.', '-' (max 128)")
         files = self.client_files(name)
-        if self._usable(files, ExtendedKeyUsageOID.CLIENT_AUTH, common_name=name):
+        problem = self._problem(files, ExtendedKeyUsageOID.CLIENT_AUTH, common_name=name)
+        if not problem:
             return files
+        self._replacing(files, problem)
         self._issue(files, common_name=name, sans=[], usage=ExtendedKeyUsageOID.CLIENT_AUTH)
         log.info("made a client certificate for %r (%s)", name, files.cert)
         return files
@@ -178,12 +190,23 @@ class Pki:
         if self._ca is not None and _now() < self._ca[0].not_valid_after_utc - RENEW_BEFORE:
             return self._ca
         self._mkdir(self.directory)
-        loaded = self._read(CertFiles(self.ca_file, self.ca_key_file))
-        if loaded is not None:
+        files = CertFiles(self.ca_file, self.ca_key_file)
+        loaded = self._read(files)
+        if isinstance(loaded, tuple):
             cert, key = loaded
-            if _is_ca(cert) and _now() < cert.not_valid_after_utc - RENEW_BEFORE:
+            problem = "" if _is_ca(cert) else "not a CA certificate (CA:true, keyCertSign)"
+            problem = problem or _expiring(cert)
+            if not problem:
                 self._ca = (cert, key)
                 return self._ca
+        else:
+            problem = loaded
+        if problem != _MISSING:
+            log.warning("replacing the CA %s (%s; the old files kept as *.old): every certificate it issued will be "
+                        "made again", self.ca_file, problem)
+            for path in (self.ca_file, self.ca_key_file):
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + ".old"))
         key = _new_key()
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "groundhog mesh"),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"groundhog mesh CA {_now():%Y-%m-%d}")])
@@ -205,51 +228,68 @@ class Pki:
         self._ca = (cert, key)
         return self._ca
 
-    def _read(self, files: CertFiles) -> tuple[x509.Certificate, Key] | None:
-        """The pair, if both files are there and parse and the key is the certificate's; else None."""
+    def _read(self, files: CertFiles) -> tuple[x509.Certificate, Key] | str:
+        """The pair, if both files are there and parse and the key is the certificate's; else what is wrong."""
+        if not files.cert.exists() and not files.key.exists():
+            return _MISSING
         try:
             cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
             key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError):
-            return None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-            return None
+        except OSError as exc:
+            return f"cannot read {exc.filename}: {exc.strerror}"
+        except (ValueError, TypeError) as exc:
+            return f"not a PEM certificate and unencrypted key ({exc})"
+        if not isinstance(key, Key):
+            return f"unsupported key type {type(key).__name__}"
+        if key.public_key() != cert.public_key():
+            return "the key is not the certificate's"
         mode = stat.S_IMODE(files.key.stat().st_mode)
         if mode & 0o077:
             log.warning("%s was readable by others (mode %o): now 0600", files.key, mode)
             os.chmod(files.key, 0o600)
         return cert, key
 
-    def _usable(self, files: CertFiles, usage: x509.ObjectIdentifier, *, hosts: list[str] | None = None,
-                common_name: str | None = None) -> bool:
+    def _problem(self, files: CertFiles, usage: x509.ObjectIdentifier, *, hosts: list[str] | None = None,
+                 common_name: str | None = None) -> str:
+        """What is wrong with a leaf certificate (``""``: nothing, keep it)."""
         ca_cert, _ = self._load_ca()
         loaded = self._read(files)
-        if loaded is None:
-            return False
+        if isinstance(loaded, str):
+            return loaded
         cert, _ = loaded
-        if cert.issuer != ca_cert.subject or _now() >= cert.not_valid_after_utc - RENEW_BEFORE:
-            return False
         try:
+            if cert.issuer != ca_cert.subject:
+                raise ValueError
             cert.verify_directly_issued_by(ca_cert)
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-            return False
-        if usage not in eku:
-            return False
+        except (ValueError, TypeError, InvalidSignature):
+            return "not issued by this CA"
+        expiring = _expiring(cert)
+        if expiring:
+            return expiring
+        try:
+            if usage not in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
+                return f"its extended key usage lacks {_USAGE_NAMES.get(usage, usage.dotted_string)}"
+        except x509.ExtensionNotFound:
+            pass  # no restriction: good for any use
         if common_name is not None:
             names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             if not names or names[0].value != common_name:
-                return False
+                return f"its common name is not {common_name!r}"
         if hosts:
             try:
                 sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound:
-                return False
+                return "it names no hosts (subjectAltName)"
             have = {str(n) for n in sans.get_values_for_type(x509.DNSName)}
             have |= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-            if not all(str(_san(h).value) in have for h in hosts):
-                return False
-        return True
+            missing = [h for h in hosts if str(_san(h).value) not in have]
+            if missing:
+                return f"it does not name {', '.join(missing)}"
+        return ""
+
+    def _replacing(self, files: CertFiles, problem: str) -> None:
+        if problem != _MISSING:
+            log.warning("replacing %s (%s)", files.cert, problem)
 
     def _issue(self, files: CertFiles, *, common_name: str, sans: list[x509.GeneralName],
                usage: x509.ObjectIdentifier) -> None:
@@ -275,9 +315,20 @@ class Pki:
                                   critical=False))
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
+        cert = builder.sign(ca_key, _hash_for(ca_key))
         _write_private(files.key, _key_pem(key))
         _write_public(files.cert, _cert_pem(cert))
+
+
+_MISSING = "missing"
+_USAGE_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+
+def _expiring(cert: x509.Certificate) -> str:
+    left = cert.not_valid_after_utc - _now()
+    if left < RENEW_BEFORE:
+        return "expired" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+    return ""
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 import ssl
 import stat
@@ -24,7 +25,7 @@ from mesh._connect import ClientSecurity
 from mesh._pki import Pki, plugin_tls_env
 from plugin_sdk import ConnectionFailed
 from plugin_sdk.host import connect as sdk_connect
-from tests.conftest import mesh_cli
+from tests.conftest import eventually, mesh_cli
 
 #: Hang guard for connect attempts that must fail: far above the connect deadline (~5 s).
 GUARD = 30.0
@@ -114,6 +115,54 @@ def test_pki_is_made_once_and_reused_and_remakes_only_what_is_missing_or_expirin
     assert fourth.fingerprint() != fingerprint
     fourth.server()
     _cert(server.cert).verify_directly_issued_by(_cert(fourth.ca_file))
+
+    # A CA that fails its checks (here: its key is not its certificate's) is replaced, the old files kept.
+    replaced = fourth.ca_file.read_bytes()
+    fourth.ca_key_file.write_bytes(admin.key.read_bytes())
+    fifth = Pki(tmp_path / "pki")
+    fifth.ca()
+    assert (tmp_path / "pki" / "ca.pem.old").read_bytes() == replaced
+    assert _mode(tmp_path / "pki" / "ca-key.pem.old") == 0o600 and fifth.ca_file.read_bytes() != replaced
+
+
+def test_pki_keeps_a_ca_of_ones_own_and_replaces_a_foreign_certificate_saying_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    # An RSA CA brought by hand, as an operator might: kept, and it issues our (ECDSA) leaves.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "our own CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+          .not_valid_after(now + dt.timedelta(days=700))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(key, hashes.SHA256()))
+    pki = Pki(tmp_path / "pki")
+    pki.directory.mkdir(mode=0o700)
+    pki.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.ca_key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    os.chmod(pki.ca_key_file, 0o600)
+    server = pki.server()
+    assert _cert(pki.ca_file) == ca
+    _cert(server.cert).verify_directly_issued_by(ca)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+    # A certificate of another CA where ours should be: replaced, and the log says why.
+    other = Pki(tmp_path / "other").client("admin")
+    mine = pki.client_files("admin")
+    mine.cert.parent.mkdir(mode=0o700)
+    mine.cert.write_bytes(other.cert.read_bytes())
+    mine.key.write_bytes(other.key.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="mesh.pki"):
+        pki.client("admin")
+    _cert(mine.cert).verify_directly_issued_by(ca)
+    assert f"replacing {mine.cert} (not issued by this CA)" in caplog.text, caplog.text
 
 
 def test_the_agent_hands_each_plugin_its_own_certificate_only_under_an_issuer(
@@ -257,6 +306,28 @@ async def test_a_client_that_asked_for_tls_never_talks_plaintext(nats_server: Na
         assert "does not use TLS" in message and "refusing a plaintext connection" in message, message
 
 
+async def test_a_reconnect_to_a_server_without_tls_closes_the_connection(
+        tmp_path: Path, tls_files: Tls, caplog: pytest.LogCaptureFixture) -> None:
+    tls_server = _server(tmp_path, tls_files, verify=False)
+    tls_server.start()
+    nc = await connect(tls_server.url, name="downgrade test", security=ClientSecurity(tls_ca=tls_files.ca))
+    plain = NatsServer(tmp_path / "plain", port=tls_server.port)  # the same address, now without TLS
+    try:
+        with caplog.at_level(logging.ERROR, logger="mesh.nats"):
+            tls_server.stop()
+            plain.start()
+            await eventually(lambda: _closed(nc), timeout=20, what="the client to close instead of talking plaintext")
+        assert "without TLS, which this client asked for: closing the connection" in caplog.text, caplog.text
+    finally:
+        await close(nc)
+        plain.stop()
+        tls_server.stop()
+
+
+async def _closed(nc: Any) -> bool:
+    return bool(nc.is_closed)
+
+
 async def test_unreadable_security_files_are_named(nats_server: NatsServer, tls_files: Tls, tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     assert await _refused(nats_server.url, tls_ca=missing) == (
@@ -266,6 +337,14 @@ async def test_unreadable_security_files_are_named(nats_server: NatsServer, tls_
     assert "does not load (KEY_VALUES_MISMATCH)" in await _refused(
         nats_server.url, tls_ca=tls_files.ca, tls_cert=tls_files.admin.tls_cert, tls_key=server.key)
     assert "without its certificate" in await _refused(nats_server.url, tls_key=server.key)
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(server.key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted-key.pem"  # refused, never a passphrase prompt on the terminal
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"secret")))
+    assert "does not load" in await _refused(nats_server.url, tls_ca=tls_files.ca, tls_cert=server.cert,
+                                             tls_key=encrypted)
     creds = tmp_path / "x.creds"
     assert await _refused(nats_server.url, creds=creds) == (
         f"cannot read credentials file {creds}: No such file or directory")
