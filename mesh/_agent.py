@@ -9,6 +9,10 @@ seconds mark it ``failed`` in the registry with the last error, and it is left d
 Commands, request/reply on ``<prefix>.agent.<agent>.<verb>``: ``load``, ``unload``, ``reload``,
 ``list``; every agent also answers ``<prefix>.agents.list`` (no queue group) for discovery.
 
+A ``load`` may carry a plugin package (a directory's files or a wheel, zipped) instead of a REF: the
+agent verifies its signature against its own trust store (``mesh/_signing.py``; required with
+``require_signatures``), copies the verified bytes into ``<data dir>/packages/`` and runs that copy.
+
 A child that is alive but stopped heartbeating (wedged: a blocked event loop, SIGSTOP) for
 ``unresponsive_after`` seconds is killed with SIGKILL, and so restarted like any crash. Its stderr
 is always read to the end (long lines are cut, never fatal), so logging never wedges a child.
@@ -17,6 +21,8 @@ is always read to the end (long lines are cut, never fatal), so logging never we
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import enum
 import logging
@@ -30,12 +36,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from plugin_sdk import (
@@ -43,6 +49,7 @@ from plugin_sdk import (
     Health,
     InitializationError,
     InvalidMessage,
+    PluginConfig,
     PluginInfo,
     PluginNotFound,
     PluginRegistry,
@@ -67,6 +74,16 @@ from plugin_sdk.host import (
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
 from ._pki import plugin_tls_env
 from ._service import json_handler
+from ._signing import (
+    Package,
+    TrustStore,
+    check_package,
+    default_trust_dir,
+    install_package,
+    plugin_entry,
+    probe_config,
+    unpack,
+)
 
 __all__ = ["Agent", "LoadRequest", "default_agent_name"]
 
@@ -96,12 +113,37 @@ class LoadRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    ref: str
+    #: What to run: a REF importable on the agent, or (instead) a ``package``.
+    ref: str | None = None
     #: The text of a plugin.toml (sent as text: the file lives on the caller's machine).
     config_toml: str | None = None
     #: The caller's name for that file, for error messages.
     config_name: str = ""
     instances: int = Field(default=1, ge=1, le=100)
+    #: A plugin package instead of a REF: its files as a zip (``mesh._signing.pack``), base64.
+    package: str | None = None
+    #: ``dir`` (a directory with plugin.toml) or ``wheel``.
+    package_kind: Literal["dir", "wheel"] = "dir"
+    #: The caller's name for the package (its path), for messages.
+    package_name: str = ""
+    #: The package's signature document (``mesh-signature.json`` / ``<wheel>.sig``); null: unsigned.
+    signature: str | None = None
+
+    @model_validator(mode="after")
+    def _ref_or_package(self) -> LoadRequest:
+        if (self.ref is None) == (self.package is None):
+            raise ValueError("give a ref or a package (one of them)")
+        if self.package is not None and self.config_toml is not None:
+            raise ValueError("a package brings its own plugin.toml: no config_toml with it")
+        return self
+
+    def unpacked(self) -> Package:
+        """The package, unzipped in memory, every entry checked (SignatureInvalid, InvalidMessage)."""
+        try:
+            data = base64.b64decode(self.package or "", validate=True)
+        except binascii.Error:
+            raise InvalidMessage("agent load: package is not base64") from None
+        return unpack(data, kind=self.package_kind, signature=self.signature, source=self.package_name or "package")
 
 
 class ChildCrashed(Exception):
@@ -143,6 +185,8 @@ class Placement:
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     #: Set when the agent killed the running child for missing its heartbeats: the reason to record.
     unresponsive: str = ""
+    #: A package's verified copy in the agent's store (``load_package``): the host's working directory.
+    workdir: Path | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "ref": self.ref, "name": self.name, "version": self.version,
@@ -229,6 +273,7 @@ class Agent:
     """Supervise plugin hosts on this machine; serve load/unload/reload/list over NATS."""
 
     def __init__(self, nc: NATS, *, nats_url: str, name: str | None = None, prefix: str = "mesh",
+                 trust_dir: Path | None = None, require_signatures: bool = False,
                  data_dir: Path | None = None, heartbeat_interval: float = 2.0, restart_limit: int = 5,
                  restart_window: float = 60.0, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  stable_after: float = 10.0, cwd: Path | None = None,
@@ -249,6 +294,9 @@ class Agent:
         self.unresponsive_after = (unresponsive_after if unresponsive_after is not None
                                    else max(10.0, 5 * heartbeat_interval))
         self.registry = PluginRegistry(nc, prefix=prefix)
+        #: Packages are verified against this trust store; unsigned ones are refused if signatures are required.
+        self.trust = TrustStore(trust_dir or default_trust_dir())
+        self.require_signatures = require_signatures
         self.placements: dict[str, Placement] = {}
         self._subs: list[Subscription] = []
         #: The one owner of the agent's tasks: one supervision task per placement, and the heartbeat watch.
@@ -306,25 +354,66 @@ class Agent:
     # -- placing instances -----------------------------------------------------------------
 
     async def load(self, ref: str, *, config_path: Path | None = None, config_toml: str | None = None,
-                   config_name: str = "", instances: int = 1) -> list[str]:
-        """Validate REF (and its config) here, then start ``instances`` supervised instances."""
-        # Importing here gives a typed refusal before anything starts; the child imports afresh.
-        cls = await asyncio.to_thread(self._import, ref)
-        if config_toml is not None:
-            config = load_config_text(config_toml, base=cls.default_config(), source=config_name or "plugin.toml")
-            config_path = self.data_dir / "configs" / f"{config.name}-{time.time_ns()}.toml"
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(config_toml, encoding="utf-8")
+                   config_name: str = "", instances: int = 1, workdir: Path | None = None,
+                   checked: PluginConfig | None = None) -> list[str]:
+        """Validate REF (and its config) here, then start ``instances`` supervised instances.
+
+        With ``workdir`` (a package's verified copy in this agent's store: :meth:`load_package`), the
+        hosts run there, and REF is checked by a child process there (``checked``: it was already).
+        """
+        if checked is not None:
+            config = checked
+        elif workdir is not None:  # a package's code never runs in the agent's own process
+            config = await asyncio.to_thread(probe_config, ref, workdir, config_path)
         else:
-            config = resolve_config(cls, config_path)
+            # Importing here gives a typed refusal before anything starts; the child imports afresh.
+            cls = await asyncio.to_thread(self._import, ref)
+            if config_toml is not None:
+                config = load_config_text(config_toml, base=cls.default_config(),
+                                          source=config_name or "plugin.toml")
+                config_path = self.data_dir / "configs" / f"{config.name}-{time.time_ns()}.toml"
+                config_path.parent.mkdir(parents=True, exist_ok=True)
+                config_path.write_text(config_toml, encoding="utf-8")
+            else:
+                config = resolve_config(cls, config_path)
         check_protocol(config)
         ids = []
         for _ in range(instances):
-            p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path)
+            p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path, workdir=workdir)
             self.placements[p.instance_id] = p
             p.task = self._tasks.spawn(self._supervise(p), name=f"supervise {p.instance_id}")
             ids.append(p.instance_id)
         return ids
+
+    async def load_package(self, pkg: Package, *, instances: int = 1) -> tuple[list[str], dict[str, Any]]:
+        """Verify ``pkg`` against this agent's trust store, copy its files into the agent's store, and
+        start ``instances`` of that copy; returns (the ids, ``{"stored", "signed_by"}``).
+
+        The files checked are the bytes in memory, and the same bytes are written: nothing can change
+        between the check and the run. An unsigned package is refused with ``require_signatures``, and
+        loaded with a warning without it; a signed one is always verified.
+        """
+        verified = await asyncio.to_thread(check_package, pkg, self.trust, required=self.require_signatures,
+                                           who=f"agent {self.name!r}")
+        if verified is None:
+            log.warning("agent %s: loading %s UNSIGNED (this agent does not require signatures)", self.name,
+                        pkg.source)
+        else:
+            log.info("agent %s: %s verified: %d files signed by key %s %s", self.name, pkg.source, verified.files,
+                     verified.key_id, f"({verified.signer})" if verified.signer else "")
+        ref, config_text = plugin_entry(pkg)
+        config_path = None
+        if config_text is not None:  # plugin.toml without its entry line: what `mesh run --config` accepts
+            config_path = self.data_dir / "configs" / f"package-{pkg.digest()}-{time.time_ns()}.toml"
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config_text, encoding="utf-8")
+        config, workdir = await asyncio.to_thread(install_package, pkg, self.data_dir / "packages", ref, config_path)
+        ids = await self.load(ref, config_path=config_path, instances=instances, workdir=workdir, checked=config)
+        return ids, {"stored": str(workdir), "signed_by": verified.key_id if verified else None}
+
+    def _cwd(self, p: Placement) -> Path:
+        """A host's working directory: its package's stored copy, else the agent's (where REFs resolve)."""
+        return p.workdir or self.cwd
 
     def _import(self, ref: str) -> type[Any]:
         """``load_plugin_class`` as a child in ``cwd`` sees it; a missing module says where it was looked for."""
@@ -355,7 +444,7 @@ class Agent:
             raise PluginNotFound(f"agent {self.name} runs no plugin {name!r}", plugin=name)
         replaced = []
         for p in old:
-            (new_id,) = await self.load(p.ref, config_path=p.config_path)
+            (new_id,) = await self.load(p.ref, config_path=p.config_path, workdir=p.workdir)
             info = await self.wait_healthy(new_id, timeout=ready_timeout)
             self.placements[new_id].version = info.version  # what the new code declares
             await self._stop_placement(p)
@@ -472,7 +561,7 @@ class Agent:
         started, started_wall = time.monotonic(), time.time()
         p.unresponsive = ""
         proc = p.proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=self.cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            *cmd, cwd=self._cwd(p), env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, preexec_fn=child_preexec)
         p.state = PlacementState.RUNNING
         assert proc.stderr is not None
@@ -615,6 +704,9 @@ class Agent:
 
     async def _load(self, body: Any) -> dict[str, Any]:
         req = LoadRequest.model_validate(body or {})
+        if req.ref is None:  # a package
+            ids, package = await self.load_package(req.unpacked(), instances=req.instances)
+            return {"agent": self.name, "instances": ids, "package": package}
         ids = await self.load(req.ref, config_toml=req.config_toml, config_name=req.config_name,
                               instances=req.instances)
         return {"agent": self.name, "instances": ids}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ from rich.table import Table
 from plugin_sdk import (
     ConnectionFailed,
     Health,
+    PayloadTooLarge,
+    PluginError,
     PluginInfo,
     PluginNotFound,
     PluginRegistry,
@@ -41,6 +44,7 @@ from ._cli_common import (
     out,
     styled_state,
 )
+from ._cli_keys import TrustDirOpt
 from ._connect import close, connect, default_url
 from ._service import stop_on_signals
 
@@ -60,6 +64,10 @@ def agent(
     unresponsive_after: Annotated[float | None, typer.Option(
         min=0.1, show_default=False, help="Kill and restart a running plugin host whose heartbeats stopped this "
         "many seconds ago (default: 5 heartbeat intervals, at least 10).")] = None,
+    require_signatures: Annotated[bool, typer.Option(
+        "--require-signatures", help="Refuse plugin packages not signed by a key of --trust-dir (a signed one "
+        "is always verified; without this an unsigned one is loaded with a warning).")] = False,
+    trust_dir: TrustDirOpt = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from . import __version__
@@ -79,7 +87,8 @@ def agent(
     async def serve(stop: asyncio.Event) -> int:
         mesh = load_mesh_file(file) if file else MeshFile()
         base = (file.parent if file else Path.cwd()).resolve()
-        levels = plan(mesh, base_dir=base, source=str(file)) if file else []  # cycles refused before starting
+        levels = plan(mesh, base_dir=base, source=str(file), trust_dir=trust_dir,  # cycles refused before starting
+                      require_signatures=require_signatures) if file else []
         url = nats_url or default_url()
         flush_traces = setup_tracing("mesh-agent", version=__version__, instance_id=name or "")  # with OTEL_* set
         try:
@@ -92,7 +101,8 @@ def agent(
             async with Agent(nc, nats_url=url, name=name, prefix=_prefix(chosen_prefix),
                              data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
                              heartbeat_interval=heartbeat_interval or mesh.mesh.heartbeat_interval or 2.0,
-                             cwd=base, unresponsive_after=unresponsive_after) as ag:
+                             cwd=base, unresponsive_after=unresponsive_after, trust_dir=trust_dir,
+                             require_signatures=require_signatures) as ag:
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()
@@ -162,9 +172,26 @@ async def _on_agents_running(nc: Any, prefix: str, on: str | None, match: Callab
 
 
 
+def _package_request(arg: str) -> tuple[dict[str, Any], int]:
+    """The load request's package fields for the directory or wheel ``arg``, and the zip's size."""
+    from ._signing import pack, read_package
+
+    try:
+        pkg = read_package(Path(arg))
+    except PluginError as exc:
+        raise _fail(escape(f"{type(exc).__name__}: {exc}")) from None
+    except ValueError as exc:
+        raise _fail(escape(str(exc))) from None
+    data = pack(pkg)
+    return {"package": base64.b64encode(data).decode(), "package_kind": pkg.kind, "package_name": arg,
+            "signature": pkg.signature}, len(data)
+
+
 @app.command()
 def load(
-    ref: Annotated[str, typer.Argument(help="module:Class or an entry-point name, importable on the agent.")],
+    ref: Annotated[str, typer.Argument(help="module:Class or an entry-point name, importable on the agent; or a "
+                                       "plugin package (a directory holding plugin.toml, or a .whl), sent to the "
+                                       "agent, which verifies it and runs its own copy.")],
     on: OnOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="plugin.toml (sent to the agent).")] = None,
     instances: Annotated[int, typer.Option(min=1, max=100, help="How many instances.")] = 1,
@@ -174,6 +201,14 @@ def load(
     prefix: PrefixOpt = None,
 ) -> None:
     """Start a plugin on an agent (any machine), supervised."""
+    from ._signing import looks_like_package
+
+    package: dict[str, Any] | None = None
+    zipped = 0
+    if looks_like_package(ref):
+        if config is not None:
+            raise _fail("--config goes with a REF: a package brings its own plugin.toml")
+        package, zipped = _package_request(ref)
     try:
         config_toml = config.read_text(encoding="utf-8") if config else None
     except OSError as exc:
@@ -182,9 +217,20 @@ def load(
     async def main(nc: Any) -> Any:
         p = _prefix(prefix)
         agent_name = await _choose_agent(nc, p, on)
-        result = await _agent_call(nc, p, agent_name, "load",
-                                   {"ref": ref, "config_toml": config_toml, "config_name": str(config or ""),
-                                    "instances": instances}, timeout)
+        body = ({"ref": ref, "config_toml": config_toml, "config_name": str(config or "")} if package is None
+                else package) | {"instances": instances}
+        try:
+            result = await _agent_call(nc, p, agent_name, "load", body, timeout)
+        except PayloadTooLarge:
+            if package is None:
+                raise
+            raise UserError(f"package {ref} is too large to send: {zipped} bytes zipped, "
+                            f"{len(package['package'])} as base64 in the request, over the NATS server's "
+                            f"max_payload of {nc.max_payload} bytes (headers included); leave out what the plugin "
+                            "does not need to run (tests, data), or raise max_payload") from None
+        if package is not None and not (result.get("package") or {}).get("signed_by"):
+            err.print(f"warning: {escape(ref)} is not signed; agent {escape(agent_name)} loaded it because it does "
+                      "not require signatures (mesh sign it)", highlight=False)
         if wait:
             await _wait_healthy(PluginRegistry(nc, prefix=p), result["instances"], timeout,
                                 what=f"{ref} on {agent_name}")

@@ -41,6 +41,7 @@ from typing import Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import ValidationError
 
 from plugin_sdk import ConfigError, ErrorInfo, InitializationError, InvalidMessage, PluginConfig, SignatureInvalid
 
@@ -717,6 +718,9 @@ def probe_config(ref: str, workdir: Path, config_path: Path | None) -> PluginCon
         if "error" in answer:
             raise ErrorInfo.model_validate(answer["error"]).to_exception()
         return PluginConfig.model_validate(answer["config"])
+    except ValidationError as exc:  # (the child runs another version of plugin_sdk than the agent)
+        raise InitializationError(f"cannot load {ref!r}: its config as the host reads it is not this agent's: "
+                                  f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
     except (IndexError, ValueError, KeyError, TypeError):
         tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         raise InitializationError(f"cannot load {ref!r}: checking it failed: {tail[0][:300]}") from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from plugin_sdk import ConfigError, __version__
 from plugin_sdk.host import NatsServer, Subjects, check_protocol
@@ -27,6 +27,7 @@ from ._host import load_plugin_class, resolve_config
 from ._pki import ISSUER_ENV, Pki
 from ._registry import RegistryService
 from ._service import stop_on_signals, wait_any
+from ._signing import Package, TrustStore, check_package, default_trust_dir, plugin_entry, probe_package, read_package
 from ._telemetry import setup_tracing
 
 __all__ = ["MeshFile", "PluginEntry", "Security", "load_mesh_file", "run_up"]
@@ -37,9 +38,23 @@ log = logging.getLogger("mesh.up")
 class PluginEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ref: str
+    #: module:Class or an entry-point name, importable from mesh.toml's folder; or, instead, ``path``:
+    ref: str | None = None
+    #: A plugin package (a directory holding plugin.toml, or a .whl), relative to mesh.toml: verified,
+    #: copied into the agent's store and run from there (docs/security.md).
+    path: str | None = None
     instances: int = Field(default=1, ge=1, le=1000)
     config: str | None = None
+    #: The package as :func:`plan` read and checked it: the very bytes the agent is given.
+    _package: Package | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _ref_or_path(self) -> PluginEntry:
+        if (self.ref is None) == (self.path is None):
+            raise ValueError("give ref or path (one of them)")
+        if self.path is not None and self.config is not None:
+            raise ValueError("config goes with ref: a package brings its own plugin.toml")
+        return self
 
 
 class MeshSection(BaseModel):
@@ -80,16 +95,30 @@ START_TIMEOUT = 60.0
 Level = list[tuple[Planned, PluginEntry]]
 
 
-def plan(mesh: MeshFile, *, base_dir: Path, source: str) -> list[Level]:
-    """Load every entry's class and config, and order them; refuse cycles and bad ranges first."""
+def plan(mesh: MeshFile, *, base_dir: Path, source: str, trust_dir: Path | None = None,
+         require_signatures: bool = False) -> list[Level]:
+    """Load every entry's class and config, and order them; refuse cycles and bad ranges first.
+
+    A ``path`` entry's package is read once and its signature checked against ``trust_dir`` (as the
+    agent will; unsigned refused with ``require_signatures``) before its entry is imported, in a
+    child process.
+    """
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))  # the file's plugins are importable from its folder
+    trust = TrustStore(trust_dir or default_trust_dir())
     pairs = []
     for entry in mesh.plugins:
-        cls = load_plugin_class(entry.ref)
-        config = resolve_config(cls, (base_dir / entry.config) if entry.config else None)
+        if entry.path is not None:
+            pkg = entry._package = read_package(base_dir / entry.path)
+            check_package(pkg, trust, required=require_signatures, who=source)  # before any of its code runs
+            ref, config_text = plugin_entry(pkg)
+            config = probe_package(pkg, ref, config_text)
+        else:
+            assert entry.ref is not None
+            ref = entry.ref
+            config = resolve_config(load_plugin_class(ref), (base_dir / entry.config) if entry.config else None)
         check_protocol(config)  # refused before anything starts
-        pairs.append((Planned(entry.ref, config), entry))
+        pairs.append((Planned(ref, config), entry))
     entry_of = {id(p): e for p, e in pairs}
     return [[(p, entry_of[id(p)]) for p in level] for level in start_levels([p for p, _ in pairs], source=source)]
 
@@ -100,9 +129,12 @@ async def start_in_order(agent: Agent, levels: list[Level], *, base_dir: Path,
     started: list[list[str]] = []
     for level in levels:
         ids: list[str] = []
-        for _, entry in level:
+        for planned, entry in level:
+            if entry._package is not None:  # the agent verifies it again, against its own trust store
+                ids += (await agent.load_package(entry._package, instances=entry.instances))[0]
+                continue
             config = (base_dir / entry.config).resolve() if entry.config else None
-            ids += await agent.load(entry.ref, config_path=config, instances=entry.instances)
+            ids += await agent.load(planned.ref, config_path=config, instances=entry.instances)
         started.append(ids)
         names = ", ".join(p.config.name for p, _ in level)
         say(f"starting {names} ({len(ids)} instance{'s' if len(ids) != 1 else ''})")
