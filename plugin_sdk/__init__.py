@@ -3,7 +3,7 @@
 It never imports ``mesh``; everything a plugin process needs to join the mesh is here.
 """
 
-from ._config import Dependency, Permissions, PluginConfig, load_config_file
+from ._config import Dependency, Permissions, PluginConfig, ResourceLimits, load_config_file
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
 from ._errors import (
     CommunicationError,
@@ -73,6 +73,7 @@ __all__ = [
     "ProtocolMismatch",
     "RequestTimeout",
     "ResourceError",
+    "ResourceLimits",
     "Response",
     "RuntimeInfo",
     "SignatureInvalid",
