@@ -13,6 +13,10 @@ A ``load`` may carry a plugin package (a directory's files or a wheel, zipped) i
 agent verifies its signature against its own trust store (``mesh/_signing.py``; required with
 ``require_signatures``), copies the verified bytes into ``<data dir>/packages/`` and runs that copy.
 
+A child whose plugin has ``[limits]`` gets them as rlimits (and, where cgroup v2 allows, a cgroup with
+``memory.max``); one that goes past a limit is stopped and recorded as ``ResourceError: <limit> limit
+... exceeded``, then restarted like any crash (``mesh/_limits.py``).
+
 A child that is alive but stopped heartbeating (wedged: a blocked event loop, SIGSTOP) for
 ``unresponsive_after`` seconds is killed with SIGKILL, and so restarted like any crash. Its stderr
 is always read to the end (long lines are cut, never fatal), so logging never wedges a child.
@@ -54,6 +58,7 @@ from plugin_sdk import (
     PluginNotFound,
     PluginRegistry,
     RequestTimeout,
+    ResourceLimits,
 )
 from plugin_sdk.host import (
     Subjects,
@@ -72,6 +77,7 @@ from plugin_sdk.host import (
 )
 
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
+from ._limits import STOP_GRACE, ChildGroup, LimitWatch, cgroup_support, limits_preexec, rlimit_plan
 from ._pki import plugin_tls_env
 from ._service import json_handler
 from ._signing import (
@@ -187,6 +193,9 @@ class Placement:
     unresponsive: str = ""
     #: A package's verified copy in the agent's store (``load_package``): the host's working directory.
     workdir: Path | None = None
+    #: The [limits] it was last started with, and the current run's watch over them (mesh/_limits.py).
+    limits: ResourceLimits | None = None
+    watch: LimitWatch | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "ref": self.ref, "name": self.name, "version": self.version,
@@ -560,25 +569,45 @@ class Agent:
         env.update(plugin_tls_env(p.name))
         started, started_wall = time.monotonic(), time.time()
         p.unresponsive = ""
-        proc = p.proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=self._cwd(p), env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=child_preexec)
-        p.state = PlacementState.RUNNING
-        assert proc.stderr is not None
-        relay = asyncio.create_task(self._relay_output(p, proc.stderr), name=f"relay {p.instance_id}")
+        watch = p.watch = await self._limit_watch(p, started_wall)
+        group = watch.group if watch is not None else None
+        sampler: asyncio.Task[None] | None = None
         try:
-            code = await proc.wait()  # returns once the child exited *and* the relay read all it wrote
-            await relay
-        finally:  # cancelled (stop, unload) or failed: the child and its relay go too
-            if proc.returncode is None:
-                await self._kill_and_reap(p, proc)
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            proc = p.proc = await asyncio.create_subprocess_exec(
+                *cmd, cwd=self._cwd(p), env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, preexec_fn=child_preexec if watch is None else limits_preexec(
+                    rlimit_plan(watch.limits), group.procs if group is not None else None))
+            p.state = PlacementState.RUNNING
+            assert proc.stderr is not None
+            relay = asyncio.create_task(self._relay_output(p, proc.stderr), name=f"relay {p.instance_id}")
+            if watch is not None:
+                watch.pid = proc.pid
+                if watch.limits.cpu_seconds is not None:
+                    sampler = asyncio.create_task(watch.sample_cpu(), name=f"cpu time of {p.instance_id}")
+                if group is not None and not group.holds(proc.pid):
+                    log.warning("%s: not in its cgroup %s; its memory limit is RLIMIT_DATA only", p.instance_id,
+                                group.path)
+            try:
+                code = await proc.wait()  # returns once the child exited *and* the relay read all it wrote
                 await relay
-        if code == 0 or p.stopping:
+            finally:  # cancelled (stop, unload) or failed: the child and its relay go too
+                if proc.returncode is None:
+                    await self._kill_and_reap(p, proc)
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+            over = watch.diagnose(code, how=p.unresponsive or _exit_reason(code)) if watch is not None else None
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+            if group is not None:  # read (diagnose) first: the group's memory.events go with it
+                await group.remove()
+        if (code == 0 and not over) or p.stopping:
             p.state = PlacementState.EXITED if not p.stopping else p.state
             return
-        if p.unresponsive:  # the agent killed it: that is the reason, not what it last logged
+        if over:  # past a limit: that is the reason, whoever ended the process
+            p.last_error = over
+        elif p.unresponsive:  # the agent killed it: that is the reason, not what it last logged
             p.last_error = p.unresponsive
         else:
             reason = _exit_reason(code)
@@ -588,8 +617,55 @@ class Agent:
         # Only a run that got as far as serving (it registered) counts as "stable": a plugin that
         # dies slowly in start-up (say, a dependency timeout) must still end up failed.
         # A requested restart (EXIT_RESTART) is a plugin's own decision after serving, not a crash loop.
-        served = code == EXIT_RESTART or await self._registered_since(p.instance_id, started_wall)
+        served = (code == EXIT_RESTART or (watch is not None and watch.served)
+                  or await self._registered_since(p.instance_id, started_wall))
         raise ChildCrashed(p.last_error, time.monotonic() - started if served else 0.0)
+
+    async def _limit_watch(self, p: Placement, started_wall: float) -> LimitWatch | None:
+        """This run's [limits], from the config read afresh (as the child reads it), with a cgroup if
+        memory is limited and cgroup v2 allows; None without OS limits."""
+        try:
+            if p.workdir is None:  # REF's module is imported here already (load): cheap
+                config = await asyncio.to_thread(lambda: resolve_config(self._import(p.ref), p.config_path))
+                p.limits = config.limits
+            elif p.limits is None:  # a package's code never runs in the agent; its stored copy does not change
+                p.limits = (await asyncio.to_thread(probe_config, p.ref, p.workdir, p.config_path)).limits
+        except Exception as exc:  # the child fails the same way and says why; keep what we knew
+            log.debug("%s: config not read again (%s); last known limits kept", p.instance_id, exc)
+        if p.limits is None or not p.limits.os_limits():
+            return None
+        watch = LimitWatch(p.limits, started_wall=started_wall)
+        if p.limits.memory is not None and (parent := cgroup_support().parent) is not None:
+            try:
+                watch.group = ChildGroup.create(parent, p.instance_id, p.limits.memory)
+            except OSError as exc:
+                log.warning("%s: no cgroup (%s); its memory limit is RLIMIT_DATA only", p.instance_id, exc)
+        return watch
+
+    def _check_limit(self, p: Placement, name: str) -> None:
+        """The child's output says it hit limit ``name``: if its usage is still at it, stop it (a crash)."""
+        watch, proc = p.watch, p.proc
+        if watch is None or watch.exceeded or p.stopping or proc is None or proc.returncode is not None:
+            return
+        reason = watch.at_limit(name)
+        if reason is not None:
+            watch.exceeded = reason
+            self._tasks.spawn(self._stop_over_limit(p, proc, watch), name=f"stop {p.instance_id} (over a limit)")
+
+    async def _stop_over_limit(self, p: Placement, proc: asyncio.subprocess.Process, watch: LimitWatch) -> None:
+        """SIGTERM (the host drains, stops, unregisters), SIGKILL if it is not gone after STOP_GRACE."""
+        watch.served = await self._registered_since(p.instance_id, watch.started_wall)  # before it unregisters
+        log.warning("%s (pid %d): %s", p.instance_id, proc.pid, watch.exceeded)
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE)
+        except TimeoutError:
+            log.warning("%s did not stop within %.0fs of SIGTERM; killing it", p.instance_id, STOP_GRACE)
+            await self._kill_and_reap(p, proc)
 
     async def _registered_since(self, instance_id: str, since: float) -> bool:
         try:
@@ -630,6 +706,8 @@ class Agent:
             text += f" … [{cut} bytes truncated]"
         p.log_tail.append(text[-300:])
         self._stderr.write(f"[{p.instance_id}] {text}\n")
+        if p.watch is not None and (hit := p.watch.see(text)) is not None:
+            self._check_limit(p, hit)
 
     # -- unresponsive children ---------------------------------------------------------------
 

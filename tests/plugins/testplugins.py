@@ -222,3 +222,65 @@ class Needy(Plugin):
 
     name = "needy"
     dependencies = [{"name": "tally", "version": ">=1"}]
+
+
+# Leaked on purpose by Hog (module level: a leak outlives the handler that made it).
+_HOARD: list[Any] = []
+
+
+class Hog(Plugin):
+    """Goes past its [limits] on command; every loop is bounded, so it also stops by itself without limits.
+
+    ``leak`` keeps 1 MiB blocks (written, so they are really used) until MemoryError, at most 1 GiB;
+    ``spike`` asks for one 1 TiB block (it fails at once and keeps nothing); ``spin`` burns CPU for at
+    most 30 s (``{"ignore_sigxcpu": true}`` first ignores SIGXCPU); ``hoard`` opens /dev/null until EMFILE,
+    at most 100 000 times. With setting ``at_start`` = "leak" or "spike", ``initialize`` does that in
+    the first ``runs`` runs (setting, default all; MESH_RESTARTS counts them), so the MemoryError
+    escapes to the host.
+    """
+
+    name = "hog"
+    version = "1.0.0"
+
+    async def initialize(self, context: PluginContext) -> None:
+        await super().initialize(context)
+        how, runs = context.settings.get("at_start"), int(context.settings.get("runs", 1 << 30))
+        if how and int(os.environ.get("MESH_RESTARTS", "0")) < runs:
+            self._leak() if how == "leak" else bytearray(1 << 40)
+
+    @staticmethod
+    def _leak() -> int:
+        for _ in range(1024):
+            _HOARD.append(b"\x01" * (1 << 20))
+        return len(_HOARD)
+
+    @command("leak")
+    async def leak(self, message: Message) -> Any:
+        return self._leak()
+
+    @command("spike")
+    async def spike(self, message: Message) -> Any:
+        return len(bytearray(1 << 40))
+
+    @command("spin")
+    async def spin(self, message: Message) -> Any:
+        import signal
+        import time
+
+        if message.payload and message.payload.get("ignore_sigxcpu"):
+            signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+        deadline = time.monotonic() + 30
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+        return n
+
+    @command("hoard")
+    async def hoard(self, message: Message) -> Any:
+        for _ in range(100_000):
+            _HOARD.append(os.open(os.devnull, os.O_RDONLY))  # kept open on purpose
+        return len(_HOARD)
+
+    @command("ping")
+    async def ping(self, message: Message) -> Any:
+        return {"pid": os.getpid(), "restarts": os.environ.get("MESH_RESTARTS")}
