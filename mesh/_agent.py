@@ -131,7 +131,7 @@ class LoadRequest(BaseModel):
     #: ``dir`` (a directory with plugin.toml) or ``wheel``.
     package_kind: Literal["dir", "wheel"] = "dir"
     #: The caller's name for the package (its path), for messages.
-    package_name: str = ""
+    package_name: str = Field(default="", max_length=1000)
     #: The package's signature document (``mesh-signature.json`` / ``<wheel>.sig``); null: unsigned.
     signature: str | None = None
 
@@ -149,7 +149,8 @@ class LoadRequest(BaseModel):
             data = base64.b64decode(self.package or "", validate=True)
         except binascii.Error:
             raise InvalidMessage("agent load: package is not base64") from None
-        return unpack(data, kind=self.package_kind, signature=self.signature, source=self.package_name or "package")
+        name = "".join(c if c.isprintable() else "?" for c in self.package_name)  # (it goes into log lines)
+        return unpack(data, kind=self.package_kind, signature=self.signature, source=name or "package")
 
 
 class ChildCrashed(Exception):
