@@ -71,6 +71,9 @@ STOP_GRACE = 5.0
 CPU_SAMPLE = 0.5
 #: A child is "at" its memory / open_files limit when within this fraction of it (at least 4 MiB / 2 files).
 AT_LIMIT = 1 / 8
+#: A MemoryError / EMFILE explains a crash only if it was among the child's last this many lines of
+#: output: one a handler survived long ago does not make a later, unrelated crash a limit.
+SIGN_RECENT = 50
 
 #: What a child's output says when it hit a limit enforced by an rlimit.
 SIGNS = {
@@ -322,9 +325,12 @@ class LimitWatch:
     limits: ResourceLimits
     group: ChildGroup | None = None
     pid: int = 0
-    #: limit name -> how many lines of output showed it was hit (MemoryError, EMFILE); last one in ``last_sign``
+    #: limit name -> how many lines of output showed it was hit (MemoryError, EMFILE); the last one in
+    #: ``last_sign``, seen at line ``sign_line`` of ``lines`` so far
     signs: dict[str, int] = field(default_factory=dict)
     last_sign: str = ""
+    sign_line: int = 0
+    lines: int = 0
     #: CPU seconds the child had used when last read (only with cpu_seconds)
     cpu_used: float = 0.0
     #: Set when the agent stopped the child for going past a limit: the reason to record.
@@ -335,10 +341,11 @@ class LimitWatch:
 
     def see(self, line: str) -> str | None:
         """Note a line of the child's output; the limit it reports hit (one that is set), if any."""
+        self.lines += 1
         for name, pattern in SIGNS.items():
             if getattr(self.limits, name) is not None and pattern.search(line):
                 self.signs[name] = self.signs.get(name, 0) + 1
-                self.last_sign = name
+                self.last_sign, self.sign_line = name, self.lines
                 return name
         return None
 
@@ -384,7 +391,7 @@ class LimitWatch:
         if self.group is not None and self.limits.memory is not None and (kills := self.group.oom_kills()):
             return self._reason("memory", f"cgroup memory.max: {kills} process(es) killed by the kernel's OOM "
                                 f"killer in {self.group.path.name}")
-        if code != 0 and self.last_sign:
+        if code != 0 and self.last_sign and self.lines - self.sign_line < SIGN_RECENT:
             sign = "MemoryError" if self.last_sign == "memory" else "Too many open files"
             rlimit = _RLIMITS[self.last_sign][0]
             return self._reason(self.last_sign, f"{rlimit}: {sign}, then {how}")
