@@ -3,7 +3,8 @@ instance is restarted while another plugin keeps answering.
 
 Figures behind the limits used (an idle host, Python 3.11 and 3.13): VmData ~32 MiB (what RLIMIT_DATA
 counts), RSS ~46 MiB, VmSize ~53 MiB; 0.45 s of CPU to start; 7 open files. So memory = 64 MiB,
-cpu_seconds = 2 and open_files = 64 leave an idle host room, and a Hog goes past them in a second.
+cpu_seconds = 2 and open_files = 64 leave an idle host room (twice its memory, four times its start-up
+CPU, nine times its files), and a Hog goes past them within seconds.
 """
 
 from __future__ import annotations
@@ -159,13 +160,13 @@ async def test_the_cpu_limit_kills_with_sigxcpu_and_is_reported(agent: Agent, cl
 
 async def test_sigxcpu_ignored_still_ends_at_the_hard_limit(agent: Agent, client: PluginRegistry,
                                                              messaging: PluginMessaging, echo: str) -> None:
-    ident, _ = await load_hog(agent, client, "cpu_seconds = 1")
+    ident, _ = await load_hog(agent, client, "cpu_seconds = 2")  # (a host takes ~0.45 s of CPU to start)
     spin = asyncio.create_task(messaging.send_message("hog", {"ignore_sigxcpu": True}, operation="spin",
                                                       timeout=60))
     try:
         info = await restarted_for(client, messaging, agent, ident,
-                                   "ResourceError: cpu_seconds limit of 1 s exceeded (RLIMIT_CPU: SIGXCPU not "
-                                   f"heeded; killed by SIGKILL at {1 + CPU_GRACE} s")
+                                   "ResourceError: cpu_seconds limit of 2 s exceeded (RLIMIT_CPU: SIGXCPU not "
+                                   f"heeded; killed by SIGKILL at {2 + CPU_GRACE} s")
     finally:
         spin.cancel()
         with contextlib.suppress(asyncio.CancelledError, PluginError):
