@@ -67,15 +67,20 @@ from plugin_sdk.host import (
     child_preexec,
     drain_all,
     dumps,
+    every,
     load_config_text,
     loads,
     new_instance_id,
+    open_bucket,
+    plugin_permissions,
     redact,
     request,
     response_from_msg,
     validate_name,
 )
 
+from ._auth import DEFAULT_USER_TTL, AuthStore, Identity
+from ._auth import Permissions as AuthPermissions
 from ._host import EXIT_RESTART, load_plugin_class, resolve_config
 from ._limits import STOP_GRACE, ChildGroup, LimitWatch, cgroup_support, limits_preexec, rlimit_plan
 from ._pki import plugin_tls_env
@@ -287,7 +292,8 @@ class Agent:
                  data_dir: Path | None = None, heartbeat_interval: float = 2.0, restart_limit: int = 5,
                  restart_window: float = 60.0, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  stable_after: float = 10.0, cwd: Path | None = None,
-                 unresponsive_after: float | None = None) -> None:
+                 unresponsive_after: float | None = None, auth: AuthStore | None = None,
+                 credentials_ttl: float = DEFAULT_USER_TTL) -> None:
         self.nc = nc
         self.nats_url = nats_url
         self.name = validate_name(name or default_agent_name(), what="agent name")
@@ -311,6 +317,11 @@ class Agent:
         self._subs: list[Subscription] = []
         #: The one owner of the agent's tasks: one supervision task per placement, and the heartbeat watch.
         self._tasks = TaskOwner(f"agent {self.name}", log)
+        #: With an auth store (``--secure``), every instance gets its own NATS identity (see _identity_env).
+        self.auth = auth
+        self.credentials_ttl = credentials_ttl
+        self._configs: dict[str, PluginConfig] = {}
+        self._identities: dict[str, Identity] = {}
         self._watch: asyncio.Task[None] | None = None
         self._stderr = _StderrSink()
 
@@ -344,6 +355,9 @@ class Agent:
         self._subs.append(await self.nc.subscribe(self.subjects.agents_list, cb=cb))
         if self._watch is None:
             self._watch = self._tasks.spawn(self._watch_heartbeats(), name="heartbeat watch")
+            if self.auth is not None:
+                self._tasks.spawn(every(max(1.0, self.credentials_ttl / 10), self._renew_credentials, log=log,
+                                        what="credentials renewal"), name="credentials renewal")
         log.info("agent %s serving %s.*", self.name, self.subject("")[:-1])
 
     async def stop(self, *, timeout: float = 20.0) -> None:
@@ -387,13 +401,47 @@ class Agent:
             else:
                 config = resolve_config(cls, config_path)
         check_protocol(config)
+        if self.auth is not None:  # a plugin may use its bucket, not create one: that is the admin's
+            await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(config.name), create=True,
+                              description=f"state of plugin {config.name}")
         ids = []
         for _ in range(instances):
             p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path, workdir=workdir)
+            self._configs[p.instance_id] = config
             self.placements[p.instance_id] = p
             p.task = self._tasks.spawn(self._supervise(p), name=f"supervise {p.instance_id}")
             ids.append(p.instance_id)
         return ids
+
+    def _identity_env(self, p: Placement) -> dict[str, str]:
+        """Under ``--secure``: a NATS identity of the instance's own, minted now (its ``.creds`` file,
+        0600, in the agent's auth store) with exactly its plugin's permissions, and its inbox prefix."""
+        config = self._configs.get(p.instance_id)
+        if self.auth is None or config is None:
+            return {}
+        perms = plugin_permissions(self.subjects, name=config.name, instance_id=p.instance_id,
+                                   send=config.permissions.send, publish=config.permissions.publish,
+                                   subscribe=config.permissions.subscribe,
+                                   dependencies=[d.name for d in config.dependencies])
+        identity = self.auth.mint(p.instance_id, AuthPermissions(
+            pub_allow=perms.publish, sub_allow=perms.subscribe, pub_deny=perms.publish_deny),
+            ttl=self.credentials_ttl)
+        self._identities[p.instance_id] = identity
+        return {"MESH_CREDS": str(identity.creds), "MESH_INBOX_PREFIX": perms.inbox_prefix}
+
+    async def _renew_credentials(self) -> None:
+        """Mint anew the credentials of running instances past half their life (run by :func:`every`).
+        nats-py reads the ``.creds`` file at every (re)connect: when the server ends a connection
+        whose JWT expired, the instance comes back with the fresh one."""
+        now = time.time()
+        for ident, identity in list(self._identities.items()):
+            p = self.placements.get(ident)
+            if p is None:  # unloaded: its credentials go with it (they stay valid until they expire)
+                self._identities.pop(ident, None)
+                identity.creds.unlink(missing_ok=True)
+                continue
+            if identity.expires is not None and identity.expires - now < self.credentials_ttl / 2:
+                self._identity_env(p)
 
     async def load_package(self, pkg: Package, *, instances: int = 1) -> tuple[list[str], dict[str, Any]]:
         """Verify ``pkg`` against this agent's trust store, copy its files into the agent's store, and
@@ -568,6 +616,7 @@ class Agent:
                    MESH_LAST_ERROR=p.last_error)
         # Under `mesh up --mtls` (MESH_PKI_DIR set): the plugin's own client certificate, not the agent's.
         env.update(plugin_tls_env(p.name))
+        env.update(self._identity_env(p))
         started, started_wall = time.monotonic(), time.time()
         p.unresponsive = ""
         watch = p.watch = await self._limit_watch(p, started_wall)

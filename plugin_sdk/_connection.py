@@ -34,6 +34,7 @@ from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE
 
 from ._errors import ConnectionFailed, PermissionDenied
 from ._logs import BoundedLog
+from ._wire import flush_subscriptions
 
 __all__ = ["MeshClient", "close", "connect", "parse_urls", "redact"]
 
@@ -185,9 +186,21 @@ class MeshClient(Client):
                 if not waiting:
                     del self._waiting[key]
 
+    async def confirm_subscriptions(self, subjects: list[str]) -> None:
+        """Raise :class:`PermissionDenied` if the server refused a subscription to one of ``subjects``
+        (made before this call). Costs a round trip, and only when permissions are enforced.
+
+        After ``_wire.flush_subscriptions`` (the SUBs written, then two round trips: one is not
+        enough, see there) the server's -ERR for a refused one has been read.
+        """
+        if not self.enforced:
+            return
+        await flush_subscriptions(self)
+        for subject in subjects:
+            self.check_subscribed(subject)
+
     def check_subscribed(self, subject: str) -> None:
-        """Raise :class:`PermissionDenied` if the server refused a subscription to ``subject``
-        (call it after a flush: the server's -ERR comes before its PONG)."""
+        """Raise :class:`PermissionDenied` if the server has refused a subscription to ``subject``."""
         if self.denied.get(("subscribe", subject.lower())):
             raise PermissionDenied(f"the NATS server refused to let this client subscribe to {subject!r} "
                                    "(its credentials do not allow it)", subject=subject)

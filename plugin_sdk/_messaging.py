@@ -30,6 +30,7 @@ from ._wire import (
     dumps,
     envelope_tail,
     event_headers,
+    flush_subscriptions,
     is_no_responders,
     message_from_msg,
     publish,
@@ -391,11 +392,11 @@ class PluginMessaging:
         self.check_subscribe(pattern)
         subject = self.subjects.event(pattern)
         sub = await self._nc.subscribe(subject)
-        await self._nc.flush()  # subscribed at the server when this returns: no event published after is missed
-        refused = getattr(self._nc, "check_subscribed", None)  # (a MeshClient knows what the server refused)
-        if refused is not None:
+        await flush_subscriptions(self._nc)  # subscribed at the server when this returns: no later event is missed
+        confirm = getattr(self._nc, "confirm_subscriptions", None)  # (a MeshClient: what the server refused)
+        if confirm is not None:
             try:
-                refused(subject)
+                await confirm([subject])
             except PermissionDenied:
                 await sub.unsubscribe()
                 raise

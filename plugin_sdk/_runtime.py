@@ -62,6 +62,7 @@ from ._wire import (
     drain_all,
     dumps,
     error_reply,
+    flush_subscriptions,
     health_event,
     message_from_msg,
     parse_envelope,
@@ -420,11 +421,10 @@ class PluginRuntime:
             self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler, ep)))
         # NATS micro (ADR-32) discovery: $SRV.PING/INFO/STATS, last so INFO lists every endpoint.
         self._subs += await subscribe_micro(self)
-        await self.nc.flush()  # the server has every subscription before we call ourselves serving
-        refused = getattr(self.nc, "check_subscribed", None)  # (a MeshClient: the server's word on each)
-        if refused is not None:
-            for sub in self._subs:
-                refused(sub.subject)
+        await flush_subscriptions(self.nc)  # the server has every subscription before we call ourselves serving
+        confirm = getattr(self.nc, "confirm_subscriptions", None)  # (a MeshClient: the server's word on each)
+        if confirm is not None:
+            await confirm([sub.subject for sub in self._subs])
 
     async def _on_request(self, ep: EndpointStats, msg: Msg) -> None:
         self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
