@@ -21,6 +21,7 @@ from plugin_sdk import ConfigError, __version__
 from plugin_sdk.host import NatsServer, Subjects, check_protocol
 
 from ._agent import Agent
+from ._auth import AuthStore
 from ._connect import ClientSecurity, close, connect, redact
 from ._deps import Planned, start_levels
 from ._host import load_plugin_class, resolve_config
@@ -156,19 +157,24 @@ class Security:
     ``tls``: clients must use TLS, with a CA of our own made once under ``<data dir>/pki``
     (``mesh/_pki.py``); ``mtls``: TLS, and every client presents a certificate of that CA (`mesh
     up`'s own connection as ``admin``, each plugin host as its plugin, made by the agent).
+    ``secure``: TLS, plus an identity for every client (NATS decentralized auth under
+    ``<data dir>/auth``, ``mesh/_auth.py``: the admin for mesh up and the CLI, one minted by the
+    agent for each plugin instance, with its permissions), plus signed plugin packages only
+    (trust store ``<data dir>/trusted``).
     """
 
     tls: bool = False
     mtls: bool = False
+    secure: bool = False
 
     @property
     def uses_tls(self) -> bool:
-        return self.tls or self.mtls
+        return self.tls or self.mtls or self.secure
 
     @property
     def embedded_only(self) -> list[str]:
         """The switches that configure the embedded server (refused with a server of the user's own)."""
-        return [flag for flag, on in (("--tls", self.tls), ("--mtls", self.mtls)) if on]
+        return [flag for flag, on in (("--tls", self.tls), ("--mtls", self.mtls), ("--secure", self.secure)) if on]
 
 
 @dataclass
@@ -180,6 +186,8 @@ class Secured:
     env: dict[str, str] = field(default_factory=dict)  # for the processes the agent starts
     export: dict[str, str] = field(default_factory=dict)  # how a CLI in another shell reaches the mesh
     describe: str = ""  # for the server's ready line
+    auth: AuthStore | None = None  # under --secure: the operator, accounts and admin the agent mints with
+    trust_dir: Path | None = None  # under --secure: whose signatures the agent accepts (required)
 
     def export_line(self, url: str) -> str:
         settings = {"MESH_NATS_URL": url, **self.export}
@@ -202,6 +210,18 @@ def secure(security: Security, data_dir: Path) -> Secured:
         out.env[ISSUER_ENV] = str(pki.directory)  # the agent gives each plugin host its own certificate
         out.export.update(MESH_TLS_CERT=str(admin.cert), MESH_TLS_KEY=str(admin.key))
         out.describe = "mTLS: client certificates required"
+    if security.secure:
+        out.auth = AuthStore(data_dir / "auth")
+        out.server["config"] = out.auth.server_config()
+        out.client = ClientSecurity(tls_ca=ca, creds=out.auth.admin.creds, tls_cert=out.client.tls_cert if
+                                    out.client else None, tls_key=out.client.tls_key if out.client else None)
+        out.trust_dir = data_dir / "trusted"
+        out.trust_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(out.trust_dir, 0o700)
+        out.export.update(MESH_CREDS=str(out.auth.admin.creds), MESH_TRUST_DIR=str(out.trust_dir))
+        out.describe += ("; " if out.describe != "TLS" else " + ") + "credentials per instance + signed plugins"
+        if out.describe.startswith("TLS + "):
+            out.describe = "TLS" + out.describe[3:]
     return out
 
 
@@ -221,8 +241,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                 say: Callable[[str], None], stop: asyncio.Event, client: ClientSecurity | None = None) -> int:
-    nc = await connect(url, name="mesh up", wait=5, security=client)
+                 say: Callable[[str], None], stop: asyncio.Event, secured: Secured) -> int:
+    nc = await connect(url, name="mesh up", wait=5, security=secured.client)
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
     code = 0
@@ -230,7 +250,8 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
         # The registry and the agent log their own "serving …" line: no second one here.
         async with RegistryService(nc, prefix=prefix) as registry, Agent(
                 nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
-                cwd=base_dir) as agent:
+                cwd=base_dir, auth=secured.auth, trust_dir=secured.trust_dir,
+                require_signatures=secured.trust_dir is not None) as agent:
             started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
             say(f"up on {redact(url)} (prefix {prefix!r}); Ctrl-C stops it")
             if await wait_any(stop, registry.failed) is registry.failed:
@@ -254,7 +275,9 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
                          "running one: give one or the other (for a server of your own: mesh --tls-ca CA up --nats)")
     mesh = load_mesh_file(mesh_file) if mesh_file else MeshFile()
     base_dir = mesh_file.parent if mesh_file else Path.cwd()
-    levels = plan(mesh, base_dir=base_dir.resolve(), source=str(mesh_file or "mesh.toml"))
+    trust_dir = data_dir / "trusted" if security.secure else None
+    levels = plan(mesh, base_dir=base_dir.resolve(), source=str(mesh_file or "mesh.toml"), trust_dir=trust_dir,
+                  require_signatures=security.secure)
     prefix = prefix or mesh.mesh.prefix or "mesh"
     heartbeat = mesh.mesh.heartbeat_interval or float(os.environ.get("MESH_HEARTBEAT_INTERVAL", "2"))
     server: NatsServer | None = None
@@ -274,7 +297,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
     try:
         with _environment(secured.env):
             return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
-                                     data_dir=data_dir, say=say, client=secured.client))
+                                     data_dir=data_dir, say=say, secured=secured))
     finally:
         if server is not None:
             server.stop()
@@ -282,7 +305,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
 
 
 async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                say: Callable[[str], None], client: ClientSecurity | None) -> int:
+                say: Callable[[str], None], secured: Secured) -> int:
     with stop_on_signals() as stop:
         return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
-                            say=say, stop=stop, client=client)
+                            say=say, stop=stop, secured=secured)

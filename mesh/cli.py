@@ -97,11 +97,14 @@ def up(
                                       "<data-dir>/pki (prints how to point the CLI at it).")] = False,
     mtls: Annotated[bool, typer.Option("--mtls", help="--tls, and every client presents a certificate of that CA "
                                        "(each plugin its own, the CLI 'admin').")] = False,
+    secure: Annotated[bool, typer.Option("--secure", help="--tls, plus a NATS identity for every client (each plugin "
+                                         "instance its own, with only its permissions) and signed plugin packages "
+                                         "only; everything made once under the data dir.")] = False,
 ) -> None:
     """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all.
 
     With --nats (or MESH_NATS_URL) it uses that server instead; an explicit --port, --data-dir,
-    --tls or --mtls means the embedded server, and --nats with --port (or --tls) is refused.
+    --tls, --mtls or --secure means the embedded server, and --nats with --port (or --tls) is refused.
     """
     from ._up import Security, run_up
 
@@ -115,7 +118,7 @@ def up(
     def say(line: str) -> None:
         err.print(f"[green]mesh[/green] {escape(line)}", highlight=False)
 
-    security = Security(tls=tls, mtls=mtls)
+    security = Security(tls=tls, mtls=mtls, secure=secure)
     env_url = os.environ.get("MESH_NATS_URL") or None
     embedded = port is not None or data_dir is not None or security.uses_tls
     if nats_url is None and env_url and not embedded:
