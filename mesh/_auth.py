@@ -32,6 +32,8 @@ from typing import Any
 
 import nkeys
 
+from plugin_sdk import ConfigError
+
 __all__ = ["AuthStore", "Identity", "Permissions", "creds_text", "decode_jwt"]
 
 #: Seconds a plugin instance's credentials are valid; the agent renews them well before that.
@@ -127,7 +129,10 @@ def _write_secret(path: Path, text: str) -> None:
 class AuthStore:
     """The mesh's operator, accounts, signing key and admin, under ``directory`` (made once, reused)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, create: bool = True) -> None:
+        """With ``create=False`` (an agent joining a mesh), the store must exist already."""
+        if not create and not (directory / "mesh-account-signer.nk").is_file():
+            raise ConfigError(f"no mesh auth store in {directory} (mesh up --secure makes one in <data dir>/auth)")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)

@@ -68,10 +68,15 @@ def agent(
         "--require-signatures", help="Refuse plugin packages not signed by a key of --trust-dir (a signed one "
         "is always verified; without this an unsigned one is loaded with a warning).")] = False,
     trust_dir: TrustDirOpt = None,
+    auth_dir: Annotated[Path | None, typer.Option(
+        "--auth-dir", envvar="MESH_AUTH_DIR", show_default=False,
+        help="The auth store of a --secure mesh (<data dir>/auth of its mesh up): give each plugin instance its "
+        "own NATS identity, minted with the account signing key kept there.")] = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from . import __version__
     from ._agent import Agent
+    from ._auth import AuthStore
     from ._telemetry import setup_tracing
     from ._up import MeshFile, load_mesh_file, plan, start_in_order, stop_in_reverse
 
@@ -90,6 +95,7 @@ def agent(
         levels = plan(mesh, base_dir=base, source=str(file), trust_dir=trust_dir,  # cycles refused before starting
                       require_signatures=require_signatures) if file else []
         url = nats_url or default_url()
+        auth = AuthStore(auth_dir, create=False) if auth_dir else None
         flush_traces = setup_tracing("mesh-agent", version=__version__, instance_id=name or "")  # with OTEL_* set
         try:
             nc = await connect(url, name="mesh agent", wait=10)
@@ -102,7 +108,7 @@ def agent(
                              data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
                              heartbeat_interval=heartbeat_interval or mesh.mesh.heartbeat_interval or 2.0,
                              cwd=base, unresponsive_after=unresponsive_after, trust_dir=trust_dir,
-                             require_signatures=require_signatures) as ag:
+                             require_signatures=require_signatures or auth is not None, auth=auth) as ag:
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()
