@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import math
 import re
@@ -153,12 +155,17 @@ class MeshClient(Client):
     @property
     def enforced(self) -> bool:
         """Whether this client connected with an identity the server may hold to permissions (then its
-        requests watch for violations); anonymous clients have none to break."""
+        requests watch for violations). Anonymous clients have none to break, and neither has a
+        ``.creds`` identity whose JWT allows publishing everything (the admin's): watching costs a
+        task per request, so only restricted identities pay it."""
         if self._enforced is None:
             o = self.options  # (nats-py keeps the key-based credentials in attributes, the rest in options)
-            self._enforced = bool(getattr(self, "_user_credentials", None) or getattr(self, "_nkeys_seed", None)
+            creds = getattr(self, "_user_credentials", None)
+            self._enforced = bool(creds or getattr(self, "_nkeys_seed", None)
                                   or getattr(self, "_nkeys_seed_str", None) or getattr(self, "_user_jwt_cb", None)
                                   or o.get("user") or o.get("token"))
+            if isinstance(creds, str | Path) and _publishes_everything(Path(creds)):
+                self._enforced = False
         return self._enforced
 
     async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
@@ -245,6 +252,18 @@ class MeshClient(Client):
         log.error("NATS server closed the connection: %s; reconnecting", text)
         await self._error_cb(error)
         await self._process_op_err(error)
+
+
+def _publishes_everything(creds: Path) -> bool:
+    """Whether the user JWT in a ``.creds`` file allows publishing to every subject (``>``, no deny)."""
+    try:
+        token = creds.read_text(encoding="utf-8").split("-----BEGIN NATS USER JWT-----", 1)[1].split("---", 1)[0]
+        payload = token.strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        pub = claims.get("nats", {}).get("pub", {})
+    except (OSError, IndexError, ValueError, AttributeError):
+        return False  # unreadable or unusual: watch, to be safe
+    return pub.get("allow") in (None, [], [">"]) and not pub.get("deny")
 
 
 _VIOLATION = re.compile(r'permissions violation for (?P<op>publish|subscription) to "(?P<subject>[^"]*)"', re.I)
