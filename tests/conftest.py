@@ -39,6 +39,16 @@ async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 15.0
         await asyncio.sleep(interval)
 
 
+async def healthy(client: PluginRegistry, ident: str, *, restarts: int = 0) -> PluginInfo:
+    """Until ``ident`` is registered healthy, after exactly ``restarts`` restarts."""
+    async def probe() -> PluginInfo | None:
+        info = await client.get_plugin(ident)
+        ok = info is not None and info.health == "healthy" and info.restarts == restarts
+        return info if ok else None
+
+    return await eventually(probe, timeout=30, what=f"{ident} healthy after {restarts} restart(s)")
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path_factory.mktemp("nats"), monitor_port=free_port())

@@ -26,7 +26,7 @@ from mesh import NatsServer, RegistryService
 from mesh._agent import Agent, Placement
 from mesh._limits import CPU_GRACE, cgroup_support
 from plugin_sdk import HandlerError, Health, PluginError, PluginInfo, PluginMessaging, PluginRegistry
-from tests.conftest import ROOT, TEST_PLUGINS, eventually, mesh_cli
+from tests.conftest import ROOT, TEST_PLUGINS, eventually, healthy, mesh_cli
 
 PACKAGES = Path(__file__).resolve().parents[1] / "packages"
 
@@ -43,14 +43,6 @@ async def agent(nc: NATS, nats_server: NatsServer, prefix: str, tmp_path: Path, 
                      backoff_max=0.2, cwd=tmp_path) as a:
         yield a
 
-
-async def healthy(client: PluginRegistry, ident: str, *, restarts: int = 0) -> PluginInfo:
-    async def probe() -> PluginInfo | None:
-        info = await client.get_plugin(ident)
-        ok = info is not None and info.health == Health.HEALTHY and info.restarts == restarts
-        return info if ok else None
-
-    return await eventually(probe, timeout=30, what=f"{ident} healthy after {restarts} restart(s)")
 
 
 async def load_hog(agent: Agent, client: PluginRegistry, limits: str, settings: str = "") -> tuple[str, Placement]:
@@ -150,8 +142,9 @@ async def test_the_cpu_limit_kills_with_sigxcpu_and_is_reported(agent: Agent, cl
     ident, _ = await load_hog(agent, client, "cpu_seconds = 2")
     spin = asyncio.create_task(messaging.send_message("hog", None, operation="spin", timeout=60))
     try:
-        await restarted_for(client, messaging, agent, ident,
-                            "ResourceError: cpu_seconds limit of 2 s exceeded (RLIMIT_CPU: killed by SIGXCPU)")
+        info = await restarted_for(client, messaging, agent, ident,
+                                   "ResourceError: cpu_seconds limit of 2 s exceeded (RLIMIT_CPU: killed by SIGXCPU)")
+        assert info.restarts == 1 and info.health == Health.HEALTHY
     finally:
         spin.cancel()
         with contextlib.suppress(asyncio.CancelledError, PluginError):

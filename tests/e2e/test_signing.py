@@ -37,9 +37,9 @@ from mesh._signing import (
     sign_package,
 )
 from mesh._up import MeshFile, plan, start_in_order
-from plugin_sdk import Health, PluginInfo, PluginMessaging, PluginRegistry, SignatureInvalid
+from plugin_sdk import PluginMessaging, PluginRegistry, SignatureInvalid
 from plugin_sdk.host import Subjects, dumps, request, response_from_msg
-from tests.conftest import ROOT, CliResult, eventually, mesh_cli
+from tests.conftest import ROOT, CliResult, healthy, mesh_cli
 from tests.mesh.test_signing import make_wheel
 
 PACKAGES = Path(__file__).resolve().parents[1] / "packages"
@@ -115,14 +115,6 @@ async def greet(messaging: PluginMessaging, who: str = "ada") -> dict[str, str]:
     assert isinstance(result, dict)
     return result
 
-
-async def healthy(client: PluginRegistry, ident: str, *, restarts: int = 0) -> PluginInfo:
-    async def probe() -> PluginInfo | None:
-        info = await client.get_plugin(ident)
-        ok = info is not None and info.health == Health.HEALTHY and info.restarts == restarts
-        return info if ok else None
-
-    return await eventually(probe, timeout=30, what=f"{ident} healthy after {restarts} restarts")
 
 
 # -- mesh keys / sign / verify ---------------------------------------------------------------------
