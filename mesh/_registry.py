@@ -138,7 +138,7 @@ class RegistryService:
             self._subs.append(await self.nc.subscribe(
                 self.subjects.registry_own(verb, "*"), queue=QUEUE,
                 cb=json_handler(self.nc, "registry", verb, self._own(verb, handlers[verb]), instance="registry",
-                                log=log, group=QUEUE, with_subject=True)))
+                                log=log, group=QUEUE, with_subject=True, span_subject=self.subjects.registry(verb))))
         # Heartbeats are not traced (they carry no traceparent): see PluginRegistry.heartbeat.
         for subject in (self.subjects.registry("heartbeat"), self.subjects.registry_own("heartbeat", "*")):
             self._subs.append(await self.nc.subscribe(subject, queue=QUEUE, cb=self._on_heartbeat))

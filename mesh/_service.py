@@ -48,15 +48,16 @@ async def wait_any(*events: asyncio.Event) -> asyncio.Event:
 
 
 def json_handler(nc: NATS, service: str, verb: str, fn: Callable[..., Awaitable[Any]], *, instance: str,
-                 log: logging.Logger, group: str | None = None,
-                 with_subject: bool = False) -> Callable[[Msg], Awaitable[None]]:
+                 log: logging.Logger, group: str | None = None, with_subject: bool = False,
+                 span_subject: str | None = None) -> Callable[[Msg], Awaitable[None]]:
     """A subscription callback: JSON request in, ``fn``'s result out, every failure as a typed error.
 
     ``service`` names the answerer in errors (``ErrorInfo.plugin``); ``instance`` goes in the reply
     envelope's ``inst``. With tracing on, each request runs under a CONSUMER span
     (``process <subject>``), the child of the caller's ``traceparent``; ``group`` is the queue
     group it is served through (``messaging.consumer.group.name``). With ``with_subject``, ``fn``
-    is called as ``fn(body, subject)`` (for handlers whose subject carries an argument).
+    is called as ``fn(body, subject)`` (for handlers whose subject carries an argument), and
+    ``span_subject`` names its spans instead of each message's subject (span names stay few).
     """
 
     async def answer(msg: Msg, span: Span | None) -> tuple[bytes, dict[str, str] | None]:
@@ -79,7 +80,7 @@ def json_handler(nc: NATS, service: str, verb: str, fn: Callable[..., Awaitable[
             return error_reply(ErrorInfo.from_exception(err, plugin=service), message_id="", instance=instance)
 
     async def handler(msg: Msg) -> None:
-        with tracing.consume(msg.subject, msg.headers,  # (a no-op yielding None when tracing is off)
+        with tracing.consume(span_subject or msg.subject, msg.headers,  # (a no-op yielding None when tracing is off)
                               attributes={"messaging.consumer.group.name": group}) as span:
             body, headers = await answer(msg, span)
         if msg.reply:

@@ -48,7 +48,8 @@ class PluginRegistry:
         subject = self._subjects.registry_own(verb, instance) if instance else self._subjects.registry(verb)
         if not _tracing.enabled():  # the fast path: no span, no context to carry
             return await self._request(subject, body, timeout, None)
-        with _tracing.produce(subject, attributes={"mesh.registry.verb": verb}) as carrier:
+        # The span is named after the verb's subject, not the instance's (span names stay few).
+        with _tracing.produce(self._subjects.registry(verb), attributes={"mesh.registry.verb": verb}) as carrier:
             return await self._request(subject, body, timeout, carrier)
 
     async def _request(self, subject: str, body: Any, timeout: float | None, headers: dict[str, str] | None) -> Any:
