@@ -468,23 +468,40 @@ async def request(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str
 
 
 async def flush_subscriptions(nc: NATS) -> None:
-    """Return once the server has every subscription made on ``nc`` so far (and answered for it).
+    """Return once the server has every subscription made (or ended) on ``nc`` so far, and answered for it.
 
-    One ``flush()`` does not promise that, for two reasons. nats-py writes the flush's PING
-    straight to the socket, while a SUB just made may still wait in the client's pending buffer for
-    the flusher task; and even with the SUB first on the wire, nats-server's PONG can come back
+    One ``flush()`` does not promise that, for two reasons. nats-py leaves a SUB (or UNSUB) in the
+    client's pending buffer for its flusher task but writes the flush's PING straight to the
+    socket, ahead of it; and even with the SUB first on the wire, nats-server's PONG can come back
     before the subscription takes effect. Measured here (nats-server 2.15, nats-py 2.16): after
     subscribe + one flush, 5 of 300 events published at once from another connection were lost,
-    and a refused subscription's -ERR arrived after the PONG in about half the tries; with the
-    pending buffer written first and two round trips, none of 900. So: that.
+    and a refused subscription's -ERR arrived after the PONG in about half the tries; with two
+    round trips, none of 900. So: the pending buffer written first, then two round trips.
     """
-    flush_pending = getattr(nc, "_flush_pending", None)  # (nats-py's own; there is no public call)
-    if flush_pending is not None and nc.is_connected:
-        written = await flush_pending()
-        if written is not None:
-            await written
+    await _write_pending(nc)
     await nc.flush()
     await nc.flush()
+
+
+#: Seconds to wait for nats-py's flusher task to write the pending buffer (on a live connection, at once).
+PENDING_WRITE_TIMEOUT = 5.0
+
+
+async def _write_pending(nc: NATS) -> None:
+    """Return once nats-py's flusher task has written what was pending (SUBs, UNSUBs, publishes).
+
+    Kicking it (``_flush_pending()``) does not wait for the write, so the wire read PING, SUB,
+    PING; its ``force_flush=True`` waits but swallows a cancellation (and with it a timeout of
+    ours). So: a future of our own in its queue, which it sets once it has written (nats-py's own
+    protocol; there is no public call).
+    """
+    queue, flusher = getattr(nc, "_flush_queue", None), getattr(nc, "_flusher_task", None)
+    if queue is None or flusher is None or flusher.done() or not nc.is_connected:
+        return  # (nothing to wait for: disconnected, the pending buffer goes out on reconnect)
+    written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await queue.put(written)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(written, PENDING_WRITE_TIMEOUT)
 
 
 async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
@@ -492,6 +509,15 @@ async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
 
     nats-py's drain waits, without a limit, for every queued callback; one that never finishes
     would hang a shutdown. Past ``timeout`` the rest are unsubscribed. False if that happened.
+
+    Nor does its drain know when the server has stopped sending: it leaves its UNSUB in the pending
+    buffer and writes its round trip's PING ahead of it (see :func:`flush_subscriptions`), so the
+    PONG can come back while the server still routes to the subscription (a queue group member
+    gets its share); the drain finds nothing queued and forgets the subscription, and nats-py
+    drops what then arrives for it, silently: a request lost, its caller waiting out its timeout
+    (measured: about one instance in eight stopped under traffic lost one). So every UNSUB goes out
+    first and is confirmed (:func:`flush_subscriptions`), and only then do the drains run (the
+    server ignores their second UNSUB).
     """
 
     async def drain(sub: Subscription) -> None:
@@ -500,6 +526,7 @@ async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
 
     try:
         async with asyncio.timeout(timeout):
+            await _stop_interest(subs)
             await asyncio.gather(*(drain(sub) for sub in subs))
         return True
     except TimeoutError:
@@ -508,6 +535,23 @@ async def drain_all(subs: list[Subscription], *, timeout: float = 10.0) -> bool:
                 await sub.unsubscribe()
             _stop_callbacks(sub)
         return False
+
+
+async def _stop_interest(subs: list[Subscription]) -> None:
+    """Send an UNSUB for each of ``subs`` and return once the server has them; their callbacks and
+    queued messages are kept (nats-py's drain then handles those)."""
+    conns: list[NATS] = []
+    for sub in subs:
+        conn, sid = sub._conn, getattr(sub, "_id", None)
+        send = getattr(conn, "_send_unsubscribe", None)  # (nats-py's own: no public call keeps the queue)
+        if send is None or sid is None or not conn.is_connected:
+            continue
+        await send(sid)
+        if not any(c is conn for c in conns):
+            conns.append(conn)
+    for conn in conns:
+        with contextlib.suppress(nats.errors.Error):
+            await flush_subscriptions(conn)
 
 
 def _stop_callbacks(sub: Subscription) -> None:
