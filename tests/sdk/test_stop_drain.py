@@ -4,7 +4,7 @@ nats-py's drain leaves its UNSUB in the client's pending buffer for the flusher 
 its round trip's PING straight to the socket, so the server could answer the PING while it still
 routed the queue group's requests to the draining instance; nats-py then dropped them, silently,
 for a subscription it had already forgotten, and their callers timed out (the rolling reload
-under traffic lost one request in about one run of five). Here the flusher is late once, as on
+under traffic lost one request in one run of 5 to 20). Here the flusher is late once, as on
 a busy loop, when the stop begins: that makes the window 200 ms wide, where it was rarely open.
 """
 
