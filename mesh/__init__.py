@@ -1,6 +1,6 @@
 """mesh: the groundhog runtime — embedded nats-server, registry service, plugin host, CLI."""
 
-from plugin_sdk.host import NatsServer, NatsServerError, find_binary, free_port
+from plugin_sdk.host import NatsCluster, NatsServer, NatsServerError, find_binary, free_port
 
 from ._connect import close, connect
 from ._host import ENTRY_POINT_GROUP, load_plugin_class, run_plugin
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ENTRY_POINT_GROUP",
     "MeshFile",
+    "NatsCluster",
     "NatsServer",
     "NatsServerError",
     "RegistryService",

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["NatsServer", "NatsServerError", "child_preexec", "find_binary", "free_port"]
+__all__ = ["NatsCluster", "NatsServer", "NatsServerError", "child_preexec", "find_binary", "free_port"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -78,7 +78,9 @@ class NatsServer:
                  monitor_port: int | None = None, max_payload: int | None = None,
                  binary: str | None = None, config: str | None = None,
                  tls: tuple[str | Path, str | Path, str | Path | None] | None = None, verify: bool = False,
-                 tls_timeout: float = 3.0) -> None:
+                 tls_timeout: float = 3.0, name: str | None = None, cluster_name: str | None = None,
+                 cluster_port: int | None = None, routes: list[str] | tuple[str, ...] = (),
+                 route_tls: tuple[str | Path, str | Path, str | Path] | None = None) -> None:
         """``config`` is extra nats-server configuration (its file syntax), e.g. an ``authorization``
         block; with ``max_payload`` and ``tls`` it goes into ``nats-server.conf`` in ``data_dir``.
 
@@ -98,6 +100,11 @@ class NatsServer:
         self.tls = tls
         self.verify = verify
         self.tls_timeout = tls_timeout
+        self.name = name or f"mesh-{self.port}"
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port if cluster_port is not None else (free_port(host) if cluster_name else None)
+        self.routes = list(routes)
+        self.route_tls = route_tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -116,6 +123,25 @@ class NatsServer:
             lines.append(f"  ca_file: {json.dumps(str(ca))}")
         lines += [f"  verify: {'true' if self.verify else 'false'}", f"  timeout: {self.tls_timeout:g}"]
         return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+    @property
+    def route_url(self) -> str | None:
+        """``nats-route://host:cluster_port`` for other nodes' ``routes``, or None if not clustered."""
+        return f"nats-route://{self.host}:{self.cluster_port}" if self.cluster_name else None
+
+    def cluster_config(self) -> str:
+        """The ``cluster { … }`` block ("" when not clustered)."""
+        if not self.cluster_name:
+            return ""
+        listen = f"{self.host}:{self.cluster_port}"
+        lines = [f"  name: {json.dumps(self.cluster_name)}", f"  listen: {json.dumps(listen)}",
+                 "  routes: [" + ", ".join(json.dumps(r) for r in self.routes) + "]"]
+        if self.route_tls is not None:
+            cert, key, ca = self.route_tls
+            lines.append(f"  tls {{\n    cert_file: {json.dumps(str(cert))}\n    key_file: {json.dumps(str(key))}\n"
+                         f"    ca_file: {json.dumps(str(ca))}\n    verify: true\n"
+                         f"    timeout: {self.tls_timeout:g}\n  }}")
+        return "cluster {\n" + "\n".join(lines) + "\n}\n"
 
     @property
     def log_file(self) -> Path:
@@ -157,13 +183,13 @@ class NatsServer:
         with contextlib.suppress(FileNotFoundError):
             self.log_file.unlink()
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir / "jetstream"),
-               "-l", str(self.log_file), "-n", f"mesh-{self.port}"]
+               "-l", str(self.log_file), "-n", self.name]
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
-        if self.max_payload or self.config or self.tls:
+        if self.max_payload or self.config or self.tls or self.cluster_name:
             conf = self.data_dir / "nats-server.conf"
             text = f"max_payload: {self.max_payload}\n" if self.max_payload else ""
-            conf.write_text(text + self.tls_config() + (self.config or "") + "\n")
+            conf.write_text(text + self.tls_config() + self.cluster_config() + (self.config or "") + "\n")
             cmd += ["-c", str(conf)]
         # Own session: a Ctrl-C in the terminal reaches `mesh up`, which stops the server last.
         try:
@@ -264,3 +290,87 @@ class NatsServer:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-server nodes routed into one cluster with JetStream on each (``mesh up --cluster``,
+    the test fixtures). Node ``i`` keeps its store in ``data_dir/n<i>``; ``hosts`` gives each node its
+    own address (default: all on ``127.0.0.1``, distinct ports).
+
+    Ready once every node accepts clients and reports itself healthy on its monitoring port
+    (``/healthz``: JetStream in contact with a meta leader), so a bucket can be created at once.
+    """
+
+    def __init__(self, data_dir: str | Path, *, size: int = 3, name: str = "mesh", hosts: list[str] | None = None,
+                 ports: list[int] | None = None, cluster_ports: list[int] | None = None,
+                 **options: object) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        hosts = hosts or ["127.0.0.1"] * size
+        if len(hosts) != size:
+            raise ValueError(f"NatsCluster(size={size}) was given {len(hosts)} hosts")
+        ports = ports or [free_port(h) for h in hosts]
+        cluster_ports = cluster_ports or [free_port(h) for h in hosts]
+        self.data_dir = Path(data_dir)
+        self.name = name
+        routes = [f"nats-route://{h}:{p}" for h, p in zip(hosts, cluster_ports, strict=True)]
+        self.nodes = [NatsServer(self.data_dir / f"n{i}", host=h, port=ports[i], monitor_port=free_port(h),
+                                 name=f"{name}-n{i}", cluster_name=name, cluster_port=cluster_ports[i],
+                                 routes=[r for j, r in enumerate(routes) if j != i], **options)  # type: ignore[arg-type]
+                      for i, h in enumerate(hosts)]
+
+    @property
+    def urls(self) -> str:
+        """Every node's client URL, comma-separated (what ``--nats`` / ``MESH_NATS_URL`` take)."""
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self, *, timeout: float = 30.0) -> NatsCluster:
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:  # launched together: a node waits for its routes' peers anyway
+            if not node.running():
+                node._launch(timeout)
+        try:
+            for node in self.nodes:
+                while not node._ready(deadline, timeout):
+                    time.sleep(0.02)
+            self.wait_healthy(timeout=max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, *, timeout: float = 30.0, nodes: list[NatsServer] | None = None) -> None:
+        """Until each node says it is healthy (JetStream current); :class:`NatsServerError` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for node in nodes or self.nodes:
+            while not healthz(node):
+                if not node.running():
+                    raise NatsServerError(f"nats-server {node.name} exited: {node._log_tail()}")
+                if time.monotonic() > deadline:
+                    raise NatsServerError(f"nats-server {node.name} not healthy within {timeout:g}s: "
+                                          f"{node._log_tail()}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def healthz(node: NatsServer) -> bool:
+    """Whether ``node`` answers 200 on its monitoring ``/healthz`` (False without a monitoring port)."""
+    import urllib.error
+    import urllib.request
+
+    if not node.monitor_port or not node.running():
+        return False
+    try:
+        with urllib.request.urlopen(f"http://{node.host}:{node.monitor_port}/healthz", timeout=1) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

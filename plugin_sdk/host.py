@@ -24,7 +24,7 @@ from ._config import SEMVER_RE, check_range, load_config_text, validate_name, ve
 from ._connection import MeshClient, close, connect, parse_urls, redact
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
-from ._natsd import NatsServer, NatsServerError, child_preexec, find_binary, free_port
+from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
 from ._runtime import check_protocol, new_instance_id
 from ._state import open_bucket
 from ._tasks import TaskOwner, every
@@ -76,6 +76,7 @@ __all__ = [
     "SERVING",
     "BoundedLog",
     "MeshClient",
+    "NatsCluster",
     "NatsServer",
     "NatsServerError",
     "SubjectPermissions",
