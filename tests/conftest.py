@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 import pytest
 from nats.aio.client import Client as NATS
 
-from mesh import NatsServer, RegistryService, close, connect, free_port
+from mesh import NatsServer, RegistryService, close, connect
 from plugin_sdk import PluginInfo, PluginMessaging, PluginNotFound, PluginRegistry
+from tests._servers import NatsTestServer, start_server
+from tests._servers import announce as announce_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -49,10 +51,14 @@ async def healthy(client: PluginRegistry, ident: str, *, restarts: int = 0) -> P
     return await eventually(probe, timeout=30, what=f"{ident} healthy after {restarts} restart(s)")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    announce_backend(session.config)  # MESH_TEST_DOCKER: one line on which nats-server, and why
+
+
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats"), monitor_port=free_port())
-    server.start()
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsTestServer]:
+    """The bundled binary as a NatsServer, or with MESH_TEST_DOCKER=1 a container (tests/_servers.py)."""
+    server = start_server(tmp_path_factory.mktemp("nats"))
     yield server
     server.stop()
 
