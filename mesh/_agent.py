@@ -113,8 +113,9 @@ _INFOS = TypeAdapter(list[PluginInfo])
 
 
 def default_agent_name() -> str:
-    """The hostname, made into a valid name (lowercase; dots and other characters → ``-``)."""
-    raw = socket.gethostname().lower()
+    """``MESH_AGENT_NAME``, else the hostname, made into a valid name (lowercase; dots and other
+    characters → ``-``: a Kubernetes node name such as ``ip-10-0-1-7.ec2.internal`` works)."""
+    raw = (os.environ.get("MESH_AGENT_NAME") or socket.gethostname()).lower()
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in raw).strip("-_") or "agent"
     return name[:64]
 
@@ -293,8 +294,11 @@ class Agent:
                  restart_window: float = 60.0, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  stable_after: float = 10.0, cwd: Path | None = None,
                  unresponsive_after: float | None = None, auth: AuthStore | None = None,
-                 credentials_ttl: float = DEFAULT_USER_TTL) -> None:
+                 credentials_ttl: float = DEFAULT_USER_TTL, replicas: int | None = None) -> None:
         self.nc = nc
+        #: Copies of the state buckets of the plugins it starts (None: 3 on a cluster of 3+, else 1);
+        #: its children are told through MESH_REPLICAS.
+        self.replicas = replicas
         self.nats_url = nats_url
         self.name = validate_name(name or default_agent_name(), what="agent name")
         self.subjects = Subjects(prefix)
@@ -403,7 +407,7 @@ class Agent:
         check_protocol(config)
         if self.auth is not None:  # a plugin may use its bucket, not create one: that is the admin's
             await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(config.name), create=True,
-                              description=f"state of plugin {config.name}")
+                              description=f"state of plugin {config.name}", replicas=self.replicas)
         ids = []
         for _ in range(instances):
             p = Placement(new_instance_id(config.name), ref, config.name, config.version, config_path, workdir=workdir)
@@ -612,7 +616,8 @@ class Agent:
             cmd += ["--config", str(p.config_path)]
         # The URL (it may hold a password) goes in the environment: anyone on the machine can read a
         # process's command line, only its user its environment. `mesh run` reads MESH_NATS_URL.
-        env = dict(os.environ, MESH_NATS_URL=self.nats_url, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts),
+        env = dict(os.environ, **({"MESH_REPLICAS": str(self.replicas)} if self.replicas else {}),
+                   MESH_NATS_URL=self.nats_url, MESH_AGENT=self.name, MESH_RESTARTS=str(p.restarts),
                    MESH_LAST_ERROR=p.last_error)
         # Under `mesh up --mtls` (MESH_PKI_DIR set): the plugin's own client certificate, not the agent's.
         env.update(plugin_tls_env(p.name))

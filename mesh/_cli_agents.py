@@ -27,11 +27,13 @@ from plugin_sdk import (
 from plugin_sdk.host import Subjects, redact
 
 from ._cli_common import (
+    CLI_RETRY,
     AgentTimeout,
     JsonOpt,
     NatsOpt,
     OnOpt,
     PrefixOpt,
+    ReplicasOpt,
     UserError,
     _fail,
     _prefix,
@@ -72,6 +74,7 @@ def agent(
         "--auth-dir", envvar="MESH_AUTH_DIR", show_default=False,
         help="The auth store of a --secure mesh (<data dir>/auth of its mesh up): give each plugin instance its "
         "own NATS identity, minted with the account signing key kept there.")] = None,
+    replicas: ReplicasOpt = None,
 ) -> None:
     """Run this machine's agent: supervises plugin hosts, takes load/unload/reload over NATS."""
     from . import __version__
@@ -108,7 +111,8 @@ def agent(
                              data_dir=data_dir.resolve(), restart_limit=restart_limit, restart_window=restart_window,
                              heartbeat_interval=heartbeat_interval or mesh.mesh.heartbeat_interval or 2.0,
                              cwd=base, unresponsive_after=unresponsive_after, trust_dir=trust_dir,
-                             require_signatures=require_signatures or auth is not None, auth=auth) as ag:
+                             require_signatures=require_signatures or auth is not None, auth=auth,
+                             replicas=replicas) as ag:
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()
@@ -238,7 +242,7 @@ def load(
             err.print(f"warning: {escape(ref)} is not signed; agent {escape(agent_name)} loaded it because it does "
                       "not require signatures (mesh sign it)", highlight=False)
         if wait:
-            await _wait_healthy(PluginRegistry(nc, prefix=p), result["instances"], timeout,
+            await _wait_healthy(PluginRegistry(nc, prefix=p, retry=CLI_RETRY), result["instances"], timeout,
                                 what=f"{ref} on {agent_name}")
         return result
 

@@ -20,9 +20,13 @@ from rich.markup import escape
 from plugin_sdk import (
     PluginError,
 )
-from plugin_sdk.host import NatsServerError, Subjects
+from plugin_sdk.host import NatsServerError, Retry, Subjects
 
 from ._connect import DEFAULT_URL, ENV, close, connect, default_prefix, default_url
+
+#: A CLI command retries registry calls only briefly: an operator would rather hear at once that
+#: no registry answers (MESH_RETRY_FOR does not apply; a long-running process retries for longer).
+CLI_RETRY = Retry(within=3.0)
 
 T = TypeVar("T")
 
@@ -69,6 +73,9 @@ def export_security(*, creds: str | None, tls_ca: str | None, tls_cert: str | No
             os.environ[ENV[field]] = str(Path(value).expanduser().absolute())
 
 
+ReplicasOpt = Annotated[int | None, typer.Option(
+    "--replicas", min=1, show_default="3 on a cluster of 3+ nodes, else 1", envvar="MESH_REPLICAS",
+    help="Copies JetStream keeps of the registry's and plugins' buckets; more than the cluster's nodes is refused.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to wait for replies.")]
 

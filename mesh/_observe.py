@@ -14,7 +14,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from plugin_sdk import PluginError, PluginInfo, PluginRegistry
-from plugin_sdk.host import Subjects, request, response_from_msg
+from plugin_sdk.host import Retry, Subjects, request, response_from_msg
 
 __all__ = ["InstanceMetrics", "Rates", "collect"]
 
@@ -53,7 +53,7 @@ class InstanceMetrics:
 async def collect(nc: NATS, *, prefix: str = "mesh", name: str | None = None,
                   timeout: float = 2.0) -> list[InstanceMetrics]:
     """Every registered instance (of ``name``, if given) with its metrics, asked concurrently."""
-    infos = await PluginRegistry(nc, prefix=prefix).list_plugins(name)
+    infos = await PluginRegistry(nc, prefix=prefix, retry=Retry(within=3.0)).list_plugins(name)
     subjects = Subjects(prefix)
 
     async def ask(info: PluginInfo) -> InstanceMetrics:

@@ -137,6 +137,10 @@ class Pki:
     def server_files(self) -> CertFiles:
         return CertFiles(self.directory / "server.pem", self.directory / "server-key.pem")
 
+    @property
+    def route_files(self) -> CertFiles:
+        return CertFiles(self.directory / "route.pem", self.directory / "route-key.pem")
+
     def client_files(self, name: str) -> CertFiles:
         folder = self.directory / "clients"
         return CertFiles(folder / f"{name}.pem", folder / f"{name}-key.pem")
@@ -164,6 +168,21 @@ class Pki:
         self._issue(files, common_name=wanted[0], sans=[_san(h) for h in wanted],
                     usage=ExtendedKeyUsageOID.SERVER_AUTH)
         log.info("made a server certificate for %s (%s)", ", ".join(wanted), files.cert)
+        return files
+
+    def route(self, hosts: Iterable[str] = ()) -> CertFiles:
+        """The certificate a node presents on its cluster routes, both ways (serverAuth and
+        clientAuth: each node dials some routes and accepts others), for the same hosts as :meth:`server`."""
+        wanted = list(dict.fromkeys([*DEFAULT_HOSTS, *(h.strip() for h in hosts if h.strip())]))
+        files = self.route_files
+        problem = (self._problem(files, ExtendedKeyUsageOID.SERVER_AUTH, hosts=wanted)
+                   or self._problem(files, ExtendedKeyUsageOID.CLIENT_AUTH))
+        if not problem:
+            return files
+        self._replacing(files, problem)
+        self._issue(files, common_name=wanted[0], sans=[_san(h) for h in wanted],
+                    usage=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        log.info("made a route certificate for %s (%s)", ", ".join(wanted), files.cert)
         return files
 
     def client(self, name: str) -> CertFiles:
@@ -292,8 +311,9 @@ class Pki:
             log.warning("replacing %s (%s)", files.cert, problem)
 
     def _issue(self, files: CertFiles, *, common_name: str, sans: list[x509.GeneralName],
-               usage: x509.ObjectIdentifier) -> None:
+               usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier]) -> None:
         ca_cert, ca_key = self._load_ca()
+        usages = usage if isinstance(usage, list) else [usage]
         self._mkdir(files.cert.parent)
         key = _new_key()
         now = _now()
@@ -309,7 +329,7 @@ class Pki:
                                                 content_commitment=False, key_encipherment=False,
                                                 data_encipherment=False, key_agreement=False,
                                                 encipher_only=False, decipher_only=False), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                   critical=False))

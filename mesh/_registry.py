@@ -36,11 +36,14 @@ from plugin_sdk import (
     PermissionDenied,
     PluginError,
     PluginInfo,
+    StateError,
     VersionRecord,
 )
 from plugin_sdk.host import (
     SERVING,
     BoundedLog,
+    DurableKV,
+    Retry,
     Subjects,
     TaskOwner,
     bounded,
@@ -51,8 +54,6 @@ from plugin_sdk.host import (
     event_headers,
     every,
     health_event,
-    kv_delete_headers,
-    kv_subject,
     loads,
     open_bucket,
     publish,
@@ -76,13 +77,20 @@ class RegistryService:
     """Serve the registry API for one mesh prefix on ``nc``. ``async with`` or start/stop."""
 
     def __init__(self, nc: NATS, *, prefix: str = "mesh", missed_beats: float = 3.0,
-                 expire_after: float = 60.0, sweep_interval: float = 1.0) -> None:
+                 expire_after: float = 60.0, sweep_interval: float = 1.0, replicas: int | None = None) -> None:
+        """``replicas``: copies of the registry's bucket (None: 3 on a cluster of 3+ servers, else 1;
+        given explicitly, an existing bucket with another count refuses the start)."""
         self.nc = nc
+        self.replicas = replicas
         self.subjects = Subjects(prefix)
         self.missed_beats = missed_beats
         self.expire_after = expire_after
         self.sweep_interval = sweep_interval
         self._kv: KeyValue | None = None
+        # Writes retried briefly here (an answer must fit the caller's timeout); the caller retries
+        # the call itself for longer (PluginRegistry), each call idempotent.
+        self._retry = Retry(within=1.5, attempt_timeout=1.0)
+        self._store: DurableKV | None = None
         self._cache = _Cache()
         self._subs: list[Subscription] = []
         #: The one owner of the KV watcher and the sweeper; either dying by surprise fails the service.
@@ -110,8 +118,13 @@ class RegistryService:
     async def start(self, *, ready_timeout: float = 15.0) -> None:
         """Load the bucket into the cache, then serve. Raises InitializationError (and serves
         nothing) if the cache cannot be loaded within ``ready_timeout`` seconds."""
-        self._kv = await open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
-                                     description="groundhog mesh registry")
+        try:
+            self._kv = await open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
+                                         description="groundhog mesh registry", replicas=self.replicas,
+                                         strict=self.replicas is not None)
+        except StateError as exc:
+            raise InitializationError(f"the registry cannot start: {exc}") from None
+        self._store = DurableKV(self._kv, self._retry)
         watcher = self._tasks.spawn(self._watch(), name="KV watcher")
         ready = asyncio.ensure_future(self._ready.wait())
         await asyncio.wait({ready, watcher}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -207,28 +220,27 @@ class RegistryService:
 
     async def _put_instance(self, info: PluginInfo, *, last: int | None = None) -> None:
         """Write ``info`` (only over revision ``last`` when given: KeyWrongLastSequenceError else)."""
-        assert self._kv is not None
+        assert self._store is not None
         info = info.model_copy(update={"last_seen": time.time()})
         key, data = registry_instance_key(info.id), dumps(info.model_dump(mode="json"))
-        rev = await (self._kv.update(key, data, last=last) if last else self._kv.put(key, data))
+        rev = await (self._store.update(key, data, last=last) if last else self._store.put(key, data))
         # Read-your-writes on this replica, unless the watcher already saw something newer (an
         # unregister that overtook this write must win).
         self._cache.set_instance(info, rev)
 
     async def _delete_instance(self, ident: str, *, last: int | None = None) -> None:
         """Delete the key and forget it here, at the delete's own revision."""
-        assert self._kv is not None
+        assert self._store is not None
         key = registry_instance_key(ident)
-        ack = await self.nc.jetstream().publish(kv_subject(self.subjects.registry_bucket, key), b"",
-                                                headers=kv_delete_headers(last=last))
-        self._cache.apply(key, None, ack.seq, "DEL")
+        rev = await self._store.delete(key, last=last)
+        self._cache.apply(key, None, rev, "DEL")
 
     async def _record_version(self, info: PluginInfo) -> None:
-        assert self._kv is not None
+        assert self._store is not None
         key = registry_versions_key(info.name)
         for _ in range(10):  # compare-and-set loop: replicas may record at the same time
             try:
-                entry = await self._kv.get(key)
+                entry = await self._store.get(key)
                 records = loads(entry.value or b"") or {}
                 revision = entry.revision or 0
             except nats.js.errors.KeyNotFoundError:
@@ -240,9 +252,9 @@ class RegistryService:
             records[info.version] = rec
             try:
                 if revision:
-                    await self._kv.update(key, dumps(records), last=revision)
+                    await self._store.update(key, dumps(records), last=revision)
                 else:
-                    await self._kv.create(key, dumps(records))
+                    await self._store.create(key, dumps(records))
                 return
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
@@ -376,11 +388,11 @@ class RegistryService:
 
     async def _mark_unhealthy(self, info: PluginInfo, rev: int) -> None:
         """Store the transition once (compare-and-set: one replica wins) and announce it."""
-        assert self._kv is not None
+        assert self._store is not None
         changed = info.model_copy(update={"health": Health.UNHEALTHY,
                                           "health_reason": f"no heartbeat for {time.time() - info.last_seen:.1f}s"})
         try:
-            new_rev = await self._kv.update(registry_instance_key(info.id), dumps(changed.model_dump(mode="json")),
+            new_rev = await self._store.update(registry_instance_key(info.id), dumps(changed.model_dump(mode="json")),
                                             last=rev)
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # it beat meanwhile, or another replica stored the transition first
@@ -402,9 +414,9 @@ class RegistryService:
             log.debug("health event not sent: %s", exc)
 
     async def _forget_if_gone(self, ident: str) -> None:
-        assert self._kv is not None
+        assert self._store is not None
         try:
-            await self._kv.get(registry_instance_key(ident))
+            await self._store.get(registry_instance_key(ident))
         except nats.js.errors.KeyNotFoundError as gone:
             rev = gone.entry.revision if gone.entry is not None and gone.entry.revision else 0
             self._cache.apply(registry_instance_key(ident), None, max(rev, self._cache.revision(ident) + 1), "DEL")

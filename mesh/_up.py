@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 import tomllib
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from plugin_sdk import ConfigError, __version__
-from plugin_sdk.host import NatsServer, Subjects, check_protocol
+from plugin_sdk.host import NatsCluster, NatsServer, Subjects, check_protocol, free_port
 
 from ._agent import Agent
 from ._auth import AuthStore
@@ -31,7 +32,7 @@ from ._service import stop_on_signals, wait_any
 from ._signing import Package, TrustStore, check_package, default_trust_dir, plugin_entry, probe_package, read_package
 from ._telemetry import setup_tracing
 
-__all__ = ["MeshFile", "PluginEntry", "Security", "load_mesh_file", "run_up"]
+__all__ = ["MeshFile", "PluginEntry", "Security", "Topology", "load_mesh_file", "run_up"]
 
 log = logging.getLogger("mesh.up")
 
@@ -177,6 +178,56 @@ class Security:
         return [flag for flag, on in (("--tls", self.tls), ("--mtls", self.mtls), ("--secure", self.secure)) if on]
 
 
+#: Where the route listener of a node of --join listens, unless --route-port says otherwise.
+ROUTE_PORT = 6222
+#: Seconds `mesh up --join` waits for its node to be part of a JetStream cluster with a leader.
+JOIN_TIMEOUT = 60.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What `mesh up` runs for NATS: one node (the default), ``cluster`` local nodes routed together
+    (development), or one node that routes to ``join`` (the other machines' route URLs).
+
+    ``listen``: the address its listeners bind (default loopback only). ``replicas``: copies of the
+    registry's and the plugins' buckets (None: 3 when the cluster has 3+ nodes, else 1).
+    """
+
+    cluster: int = 0
+    listen: str = "127.0.0.1"
+    join: tuple[str, ...] = ()
+    route_port: int | None = None
+    name: str | None = None
+    replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster and self.join:
+            raise ValueError("--cluster starts every node here and --join one that routes to others: give one")
+        if self.cluster < 0 or self.cluster == 1 or self.cluster == 2:
+            raise ValueError(f"--cluster {self.cluster}: a JetStream cluster needs 3 nodes or more (a majority "
+                             "must survive a loss); for one node leave --cluster out")
+        for url in self.join:
+            if not url.startswith("nats-route://") or ":" not in url.removeprefix("nats-route://"):
+                raise ValueError(f"--join {url!r}: give route URLs, nats-route://HOST:PORT (port 6222 by default)")
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError("--replicas must be 1 or more")
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the cluster has by configuration (1 for a single node)."""
+        return self.cluster or (len(self.join) + 1 if self.join else 1)
+
+    @property
+    def wanted_replicas(self) -> int:
+        return self.replicas or (3 if self.nodes >= 3 else 1)
+
+    @property
+    def hosts(self) -> list[str]:
+        """The addresses certificates must name (beyond the loopback ones)."""
+        return [] if self.listen in LOOPBACK or self.listen in ("0.0.0.0", "::") else [self.listen]
+
+
 @dataclass
 class Secured:
     """What the switches of :class:`Security` made for one start."""
@@ -194,16 +245,21 @@ class Secured:
         return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
 
 
-def secure(security: Security, data_dir: Path) -> Secured:
-    """Make (once) or load the certificates the switches need, under ``data_dir / "pki"``."""
+def secure(security: Security, data_dir: Path, topology: Topology | None = None) -> Secured:
+    """Make (once) or load the certificates the switches need, under ``data_dir / "pki"``; for a
+    cluster, routes use TLS too, each node verified with a route certificate of the same CA."""
     if not security.uses_tls:
         return Secured()
+    topology = topology or Topology()
     pki = Pki(data_dir / "pki")
     ca = pki.ca()
-    server = pki.server()
+    server = pki.server(topology.hosts)
     out = Secured(server={"tls": (server.cert, server.key, ca), "verify": security.mtls},
                   client=ClientSecurity(tls_ca=ca), env={"MESH_TLS_CA": str(ca)}, export={"MESH_TLS_CA": str(ca)},
                   describe="TLS")
+    if topology.cluster or topology.join:
+        route = pki.route(topology.hosts)
+        out.server["route_tls"] = (route.cert, route.key, ca)
     if security.mtls:
         admin = pki.client("admin")
         out.client = ClientSecurity(tls_ca=ca, tls_cert=admin.cert, tls_key=admin.key)
@@ -241,17 +297,17 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                 say: Callable[[str], None], stop: asyncio.Event, secured: Secured) -> int:
+                 say: Callable[[str], None], stop: asyncio.Event, secured: Secured, replicas: int | None) -> int:
     nc = await connect(url, name="mesh up", wait=5, security=secured.client)
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
     code = 0
     try:
         # The registry and the agent log their own "serving …" line: no second one here.
-        async with RegistryService(nc, prefix=prefix) as registry, Agent(
+        async with RegistryService(nc, prefix=prefix, replicas=replicas) as registry, Agent(
                 nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
                 cwd=base_dir, auth=secured.auth, trust_dir=secured.trust_dir,
-                require_signatures=secured.trust_dir is not None) as agent:
+                require_signatures=secured.trust_dir is not None, replicas=replicas) as agent:
             started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
             say(f"up on {redact(url)} (prefix {prefix!r}); Ctrl-C stops it")
             if await wait_any(stop, registry.failed) is registry.failed:
@@ -267,12 +323,17 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
 
 
 def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path | None,
-           say: Callable[[str], None], prefix: str | None = None, security: Security | None = None) -> int:
+           say: Callable[[str], None], prefix: str | None = None, security: Security | None = None,
+           topology: Topology | None = None) -> int:
     """Blocking: run everything until SIGINT/SIGTERM, then stop it all, children first."""
     security = security or Security()
+    topology = topology or Topology()
     if nats_url is not None and security.embedded_only:
         raise ValueError(f"{'/'.join(security.embedded_only)} secure the embedded nats-server, and --nats uses a "
                          "running one: give one or the other (for a server of your own: mesh --tls-ca CA up --nats)")
+    if nats_url is not None and (topology.cluster or topology.join or topology.listen != "127.0.0.1"):
+        raise ValueError("--cluster, --join and --listen are for the embedded nats-server, and --nats uses a "
+                         "running one: give one or the other")
     mesh = load_mesh_file(mesh_file) if mesh_file else MeshFile()
     base_dir = mesh_file.parent if mesh_file else Path.cwd()
     trust_dir = data_dir / "trusted" if security.secure else None
@@ -280,16 +341,21 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
                   require_signatures=security.secure)
     prefix = prefix or mesh.mesh.prefix or "mesh"
     heartbeat = mesh.mesh.heartbeat_interval or float(os.environ.get("MESH_HEARTBEAT_INTERVAL", "2"))
-    server: NatsServer | None = None
+    servers: list[NatsServer] = []
     secured = Secured()
+    replicas = topology.replicas
     if nats_url is None:
-        secured = secure(security, data_dir)
-        server = NatsServer(data_dir, port=port, **secured.server)
+        secured = secure(security, data_dir, topology)
         t0 = time.monotonic()
-        server.start()  # in the main thread: the child's parent-death signal follows this thread
+        servers, nats_url = _start_nats(topology, port=port, data_dir=data_dir, secured=secured, say=say)
         extra = f"; {secured.describe}" if secured.describe else ""
-        say(f"nats-server {server.url} (JetStream in {data_dir}{extra}) ready in {time.monotonic() - t0:.2f}s")
-        nats_url = server.url
+        what = (f"{len(servers)} nats-server nodes {nats_url}" if len(servers) > 1
+                else f"nats-server {nats_url}")
+        say(f"{what} (JetStream in {data_dir}{extra}) ready in {time.monotonic() - t0:.2f}s")
+        if topology.cluster or topology.join:
+            replicas = topology.wanted_replicas
+            say(f"cluster {servers[0].cluster_name!r} of {topology.nodes} nodes; buckets with {replicas} "
+                f"replica{'s' if replicas != 1 else ''}")
         if secured.export:
             say(f"to use it from another shell: {secured.export_line(nats_url)}")
     else:
@@ -297,15 +363,46 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
     try:
         with _environment(secured.env):
             return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
-                                     data_dir=data_dir, say=say, secured=secured))
+                                     data_dir=data_dir, say=say, secured=secured, replicas=replicas))
     finally:
-        if server is not None:
+        for server in reversed(servers):
             server.stop()
-            say("nats-server stopped")
+        if servers:
+            say("nats-server stopped" if len(servers) == 1 else f"{len(servers)} nats-server nodes stopped")
+
+
+def _start_nats(topology: Topology, *, port: int, data_dir: Path, secured: Secured,
+                say: Callable[[str], None]) -> tuple[list[NatsServer], str]:
+    """Start the embedded node(s) (in the main thread: their parent-death signal follows it)."""
+    if topology.cluster:
+        size = topology.cluster
+        cluster = NatsCluster(data_dir, size=size, hosts=[topology.listen] * size,
+                              ports=[port + i for i in range(size)],
+                              cluster_ports=[topology.route_port + i for i in range(size)] if topology.route_port
+                              else None, **secured.server)
+        cluster.start()
+        return cluster.nodes, cluster.urls
+    if not topology.join:
+        server = NatsServer(data_dir, port=port, host=topology.listen, **secured.server)
+        server.start()
+        return [server], server.url
+    name = topology.name or f"{socket.gethostname()}-{port}"
+    server = NatsServer(data_dir, port=port, host=topology.listen, name=name, cluster_name="mesh",
+                        cluster_port=topology.route_port or ROUTE_PORT, routes=list(topology.join),
+                        monitor_port=free_port(topology.listen), **secured.server)
+    server.start()
+    say(f"node {name} routing to {', '.join(topology.join)}; waiting for the JetStream cluster "
+        f"(a majority of its {topology.nodes} nodes, up to {JOIN_TIMEOUT:g}s)")
+    try:
+        NatsCluster.wait_for([server], timeout=JOIN_TIMEOUT)
+    except BaseException:
+        server.stop()
+        raise
+    return [server], server.url
 
 
 async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                say: Callable[[str], None], secured: Secured) -> int:
+                say: Callable[[str], None], secured: Secured, replicas: int | None) -> int:
     with stop_on_signals() as stop:
         return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
-                            say=say, stop=stop, secured=secured)
+                            say=say, stop=stop, secured=secured, replicas=replicas)

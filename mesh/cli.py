@@ -26,10 +26,12 @@ from plugin_sdk import (
 from plugin_sdk.host import NatsServerError, Subjects, check_event_type, open_bucket, validate_name
 
 from ._cli_common import (
+    CLI_RETRY,
     CredsOpt,
     JsonOpt,
     NatsOpt,
     PrefixOpt,
+    ReplicasOpt,
     TimeoutOpt,
     TlsCaOpt,
     TlsCertOpt,
@@ -100,13 +102,30 @@ def up(
     secure: Annotated[bool, typer.Option("--secure", help="--tls, plus a NATS identity for every client (each plugin "
                                          "instance its own, with only its permissions) and signed plugin packages "
                                          "only; everything made once under the data dir.")] = False,
+    cluster: Annotated[int, typer.Option("--cluster", metavar="N", help="Run N local nats-server nodes routed into "
+                                         "one JetStream cluster (development; client ports --port upward, stores in "
+                                         "<data-dir>/n0, n1, …).", show_default=False)] = 0,
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST", help="Address the embedded server's listeners "
+                                        "bind (clients and routes); another machine's plugins need a reachable "
+                                        "one.")] = "127.0.0.1",
+    join: Annotated[str | None, typer.Option("--join", metavar="ROUTE,…", show_default=False,
+                                             help="Run a node that routes to these other nodes "
+                                             "(nats-route://HOST:6222, comma-separated), plus the registry and "
+                                             "agent: every machine of a cluster runs this, naming the others.")]
+    = None,
+    route_port: Annotated[int | None, typer.Option("--route-port", show_default="6222; --cluster: free ports",
+                                                   help="Port the node listens on for routes.")] = None,
+    server_name: Annotated[str | None, typer.Option("--server-name", show_default="<hostname>-<port>",
+                                                    help="This node's name in the cluster (unique).")] = None,
+    replicas: ReplicasOpt = None,
 ) -> None:
     """Start nats-server (embedded, JetStream), the registry and the plugins in mesh.toml. Ctrl-C stops all.
 
     With --nats (or MESH_NATS_URL) it uses that server instead; an explicit --port, --data-dir,
     --tls, --mtls or --secure means the embedded server, and --nats with --port (or --tls) is refused.
+    --cluster 3 runs three local nodes; --join makes this machine's node part of a cluster.
     """
-    from ._up import Security, run_up
+    from ._up import Security, Topology, run_up
 
     _setup_logging()
     mesh_file = file if file.exists() else None
@@ -119,8 +138,15 @@ def up(
         err.print(f"[green]mesh[/green] {escape(line)}", highlight=False)
 
     security = Security(tls=tls, mtls=mtls, secure=secure)
+    try:
+        topology = Topology(cluster=cluster, listen=listen, join=tuple(u.strip() for u in (join or "").split(",")
+                                                                        if u.strip()),
+                            route_port=route_port, name=server_name, replicas=replicas)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     env_url = os.environ.get("MESH_NATS_URL") or None
-    embedded = port is not None or data_dir is not None or security.uses_tls
+    embedded = (port is not None or data_dir is not None or security.uses_tls or bool(cluster or join)
+                or listen != "127.0.0.1")
     if nats_url is None and env_url and not embedded:
         nats_url = env_url
     elif nats_url is None and env_url:
@@ -128,7 +154,7 @@ def up(
     try:
         code = run_up(nats_url=nats_url, port=4222 if port is None else port,
                       data_dir=(data_dir or Path(".mesh")).resolve(), mesh_file=mesh_file, say=say,
-                      prefix=_prefix(prefix) if prefix else None, security=security)
+                      prefix=_prefix(prefix) if prefix else None, security=security, topology=topology)
     except KeyboardInterrupt:
         code = 130
     except NatsServerError as exc:
@@ -215,6 +241,7 @@ def registry(
     prefix: PrefixOpt = None,
     missed_beats: Annotated[float, typer.Option(help="Missed heartbeats before an instance is unhealthy.")] = 3,
     expire_after: Annotated[float, typer.Option(help="Seconds of silence before an instance is forgotten.")] = 60,
+    replicas: ReplicasOpt = None,
 ) -> None:
     """Run a registry replica (any number may run; all data lives in JetStream KV)."""
     from . import __version__
@@ -229,7 +256,7 @@ def registry(
             nc = await connect(nats_url or default_url(), name="mesh registry", wait=10)
             try:
                 async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
-                                           expire_after=expire_after) as service:
+                                           expire_after=expire_after, replicas=replicas) as service:
                     if await wait_any(stop, service.failed) is service.failed:
                         return 1  # a loop of it died (logged with its traceback): a supervisor restarts it
             finally:
@@ -263,7 +290,8 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List plugin instances: name, version, instance, health, uptime, host."""
-    infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_plugins(
+    infos = _run(_with_nc(nats_url, lambda nc: PluginRegistry(
+        nc, prefix=_prefix(prefix), retry=CLI_RETRY).list_plugins(
         name, version=version)))
     if name and not infos:  # a named plugin with no instance is an error (plain `mesh ls` is not)
         raise _fail(f"no instance of {name!r} is registered" + (f" in version range {version!r}" if version else ""))
@@ -291,7 +319,8 @@ def versions(
     as_json: JsonOpt = False,
 ) -> None:
     """Every version of every plugin the registry has seen."""
-    records = _run(_with_nc(nats_url, lambda nc: PluginRegistry(nc, prefix=_prefix(prefix)).list_versions(name)))
+    records = _run(_with_nc(nats_url, lambda nc: PluginRegistry(
+        nc, prefix=_prefix(prefix), retry=CLI_RETRY).list_versions(name)))
     if as_json:
         _print_json([r.model_dump(mode="json") for r in records])
         return

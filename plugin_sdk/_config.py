@@ -227,6 +227,9 @@ class PluginConfig(_Model):
     #: Most seconds a handler may run; a caller's shorter timeout (the envelope's t=) cuts it shorter
     #: (``[limits] handler_timeout``, when given, wins).
     handler_timeout: _Timeout = 30.0
+    #: Seconds a state operation or registry call keeps retrying through a JetStream leader
+    #: election or a reconnect before it raises a typed error (None: ``MESH_RETRY_FOR``, else 20).
+    retry_for: float | None = Field(default=None, ge=0, le=600)
     #: The ``[limits]`` table; no OS limit unless given.
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
 

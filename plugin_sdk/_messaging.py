@@ -197,6 +197,9 @@ class PluginMessaging:
         self._instance = source_instance
         self._perms = permissions
         self._registry = registry or PluginRegistry(nc, prefix=prefix)
+        # Look-ups while sending (which versions run, how many should answer a broadcast) are
+        # bounded by the send's own timeout: never retried for longer.
+        self._lookups = self._registry.without_retries()
         self._timeout = default_timeout
         self._subscriptions: set[EventSubscription] = set()
         # The envelope's constant tail, and event subjects already checked (the publish hot path).
@@ -287,12 +290,12 @@ class PluginMessaging:
         now = time.monotonic()
         cached = self._ranges.get((name, version))
         if cached is None or cached[0] < now:
-            infos = await self._registry.list_plugins(name, version=version, healthy_only=True)
+            infos = await self._lookups.list_plugins(name, version=version, healthy_only=True)
             cached = (now + RANGE_CACHE_SECONDS, [i.id for i in infos], itertools.count())
             self._ranges[(name, version)] = cached
         ids = cached[1]
         if not ids:
-            running = sorted({i.version for i in await self._registry.list_plugins(name, healthy_only=True)})
+            running = sorted({i.version for i in await self._lookups.list_plugins(name, healthy_only=True)})
             raise PluginNotFound(f"no healthy instance of {name!r} has a version in {version!r} "
                                  f"(running: {', '.join(running) or 'none'})", plugin=name)
         return f"{name}.{ids[next(cached[2]) % len(ids)]}"
@@ -318,7 +321,7 @@ class PluginMessaging:
         # Our own runtime knows its broadcasts by this inbox (which no other client can choose for
         # us), not by the envelope's inst= (which anyone could set to silence an instance).
         self._own_inboxes.add(sub.subject)
-        lookup = asyncio.create_task(self._registry.list_plugins(target, healthy_only=True,
+        lookup = asyncio.create_task(self._lookups.list_plugins(target, healthy_only=True,
                                                                  timeout=max(0.05, min(1.0, timeout / 2))))
         lookup.add_done_callback(lambda _: gathering.progress.set())
         try:

@@ -341,14 +341,22 @@ class NatsCluster:
 
     def wait_healthy(self, *, timeout: float = 30.0, nodes: list[NatsServer] | None = None) -> None:
         """Until each node says it is healthy (JetStream current); :class:`NatsServerError` after ``timeout``."""
+        self.wait_for(nodes or self.nodes, timeout=timeout)
+
+    @staticmethod
+    def wait_for(nodes: list[NatsServer], *, timeout: float = 30.0) -> None:
+        """Until each of ``nodes`` answers 200 on ``/healthz`` (for a node of a cluster: JetStream in
+        contact with a meta leader, which needs a majority of the nodes up and routed)."""
         deadline = time.monotonic() + timeout
-        for node in nodes or self.nodes:
+        for node in nodes:
             while not healthz(node):
                 if not node.running():
                     raise NatsServerError(f"nats-server {node.name} exited: {node._log_tail()}")
                 if time.monotonic() > deadline:
-                    raise NatsServerError(f"nats-server {node.name} not healthy within {timeout:g}s: "
-                                          f"{node._log_tail()}")
+                    routes = f" (routes: {', '.join(node.routes)})" if node.routes else ""
+                    raise NatsServerError(f"nats-server {node.name} is not part of a healthy JetStream cluster "
+                                          f"within {timeout:g}s{routes}: JetStream needs a majority of the nodes up "
+                                          f"and reachable on their route ports; its last words: {node._log_tail()}")
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -8,7 +8,8 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, TypeAdapter
 
 from . import _tracing
-from ._errors import PluginNotFound
+from ._durable import Retry, transient
+from ._errors import PluginNotFound, RequestTimeout, StateTimeout, StateUnavailable
 from ._message import PluginInfo
 from ._wire import Subjects, dumps, publish, request, response_from_msg
 
@@ -35,16 +36,28 @@ class PluginRegistry:
 
     Every call is a NATS request to ``<prefix>.registry.<verb>``, answered by any registry
     replica; failures raise typed errors (``PluginNotFound`` when no registry runs,
-    ``RequestTimeout``). With tracing on, each call but the heartbeat is a PRODUCER span
+    ``RequestTimeout``). What may pass by itself (no registry answering while one fails over, a
+    timeout, the registry's bucket electing a leader) is retried for ``retry.within`` seconds
+    (default 20, env ``MESH_RETRY_FOR``); every call is idempotent, so a retry is safe.
+    With tracing on, each call but the heartbeat is a PRODUCER span
     (``send <prefix>.registry.<verb>``) whose ``traceparent`` the registry continues.
     """
 
-    def __init__(self, nc: NATS, *, prefix: str = "mesh", timeout: float = 2.0) -> None:
+    def __init__(self, nc: NATS, *, prefix: str = "mesh", timeout: float = 2.0, retry: Retry | None = None) -> None:
         self._nc = nc
         self._subjects = Subjects(prefix)
         self._timeout = timeout
+        self._retry = retry or Retry.from_env()
+
+    def without_retries(self) -> PluginRegistry:
+        """This client, answering at once instead of retrying (for look-ups that are only a hint)."""
+        return PluginRegistry(self._nc, prefix=self._subjects.prefix, timeout=self._timeout, retry=Retry(within=0))
 
     async def _call(self, verb: str, body: Any, *, timeout: float | None = None, instance: str | None = None) -> Any:
+        return await self._retry.run(lambda n: self._call_once(verb, body, timeout=timeout, instance=instance),
+                                     what=f"registry {verb}", retry_on=_passing)
+
+    async def _call_once(self, verb: str, body: Any, *, timeout: float | None, instance: str | None) -> Any:
         subject = self._subjects.registry_own(verb, instance) if instance else self._subjects.registry(verb)
         if not _tracing.enabled():  # the fast path: no span, no context to carry
             return await self._request(subject, body, timeout, None)
@@ -99,3 +112,9 @@ class PluginRegistry:
         """
         await publish(self._nc, self._subjects.registry_own("heartbeat", info.id), dumps(info.model_dump(mode="json")),
                       plugin=info.name, what="heartbeat")
+
+
+def _passing(exc: BaseException) -> bool:
+    """What may pass by itself within seconds: no registry answering (one failing over), no answer in
+    time, the registry's bucket unavailable (a leader election), or the connection reconnecting."""
+    return isinstance(exc, PluginNotFound | RequestTimeout | StateUnavailable | StateTimeout) or transient(exc)

@@ -33,6 +33,7 @@ from nats.aio.subscription import Subscription
 from . import _otel_metrics, _tracing
 from ._config import Dependency, PluginConfig
 from ._context import PluginContext, PluginMetrics, RuntimeInfo
+from ._durable import Retry
 from ._errors import (
     CommunicationError,
     ConnectionFailed,
@@ -107,7 +108,8 @@ class PluginRuntime:
         #: What the runtime measures: messages, errors and latency by kind and endpoint.
         self.stats = RuntimeStats()
         self.resources = ResourceSampler()
-        self.registry = PluginRegistry(nc, prefix=prefix)
+        self._retry = Retry.from_env(self.config.retry_for)
+        self.registry = PluginRegistry(nc, prefix=prefix, retry=self._retry)
         self.messaging = PluginMessaging(nc, prefix=prefix, source=self.config.name,
                                          source_instance=self.instance_id, permissions=self.config.permissions,
                                          registry=self.registry)
@@ -175,7 +177,7 @@ class PluginRuntime:
         try:
             kv = await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(name), create=True,
                                    description=f"state of plugin {name}")
-            state = StateStore(kv, plugin=name, max_value_size=self.config.max_payload)
+            state = StateStore(kv, plugin=name, max_value_size=self.config.max_payload, retry=self._retry)
             runtime = RuntimeInfo(instance_id=self.instance_id, host=socket.gethostname(), pid=os.getpid(),
                                   prefix=self.subjects.prefix, nats_url=str(self.nc.connected_url or ""),
                                   started_at=self.started_at, protocol=PROTOCOL_VERSION)

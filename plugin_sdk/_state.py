@@ -12,6 +12,8 @@ reconnecting, or no JetStream answers), ``StateNotFound`` (no such bucket), ``St
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -23,10 +25,13 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from ._durable import DurableKV, Retry
 from ._errors import StateConflict, StateError, StateNotFound, StateTimeout, StateTooLarge, StateUnavailable
 from ._wire import dumps, loads
 
-__all__ = ["StateEntry", "StateStore", "open_bucket"]
+__all__ = ["StateEntry", "StateStore", "cluster_size", "default_replicas", "open_bucket"]
+
+log = logging.getLogger("mesh.state")
 
 _KEY_RE = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 
@@ -35,12 +40,19 @@ T = TypeVar("T")
 #: The header nats-py sends with an update/create ("NATS/1.0\r\n" + "Name: value\r\n" + "\r\n"),
 #: with room for a 20-digit revision: NATS counts headers and body against max_payload.
 _EXPECT_HEADER_BYTES = len("NATS/1.0\r\n") + len("Nats-Expected-Last-Subject-Sequence: \r\n") + 20 + len("\r\n")
+#: Every write's "Nats-Msg-Id: <24 hex>" (with the status line, when it is the only header).
+_WRITE_HEADER_BYTES = len("NATS/1.0\r\n") + len("Nats-Msg-Id: \r\n") + 24 + len("\r\n")
 
 #: nats-py errors that mean "JetStream cannot be reached now" (nothing was sent, or nothing answers).
 _UNAVAILABLE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
                 nats.errors.ConnectionDrainingError, nats.errors.OutboundBufferLimitError,
                 nats.errors.NoRespondersError, nats.errors.StaleConnectionError, nats.errors.NoServersError,
                 nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
+
+
+#: JetStream's answers to more replicas than it has nodes for: no suitable peers, insufficient
+#: resources, replicas > 1 on a server that is not clustered.
+_TOO_FEW = (10005, 10023, 10074)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +99,10 @@ def _translate(exc: Exception, *, op: str, bucket: str, key: str | None, plugin:
         return StateNotFound(f"{what}: the bucket does not exist", **kw)
     if isinstance(exc, nats.errors.MaxPayloadError):
         return StateTooLarge(f"{what}: over the NATS server's max_payload", **kw)
+    if getattr(exc, "err_code", None) in _TOO_FEW:
+        said = getattr(exc, "description", None) or exc
+        return StateError(f"{what}: the NATS cluster has too few JetStream nodes for the replicas asked for "
+                          f"({said}): start more nodes, or ask for fewer replicas (--replicas)", **kw)
     detail = getattr(exc, "description", None) or str(exc) or type(exc).__name__
     return StateError(f"{what}: {type(exc).__name__}: {detail}", **kw)
 
@@ -96,36 +112,97 @@ async def _guard(aw: Awaitable[T], *, op: str, bucket: str, key: str | None, plu
     try:
         return await aw
     except (nats.errors.Error, TimeoutError) as exc:
-        raise _translate(exc, op=op, bucket=bucket, key=key, plugin=plugin, js=js, write=write) from exc
+        error = _translate(exc, op=op, bucket=bucket, key=key, plugin=plugin, js=js, write=write)
+        notes = " ".join(getattr(exc, "__notes__", ()))
+        if notes:  # how long it was retried (plugin_sdk._durable)
+            error = type(error)(f"{error} {notes}", plugin=plugin, bucket=bucket, key=key)
+        raise error from exc
+
+
+def cluster_size(nc: Any) -> int:
+    """How many servers the cluster ``nc`` is connected to has, as its INFO says (1 if not clustered)."""
+    info = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    return max(1, len(set(info.get("connect_urls") or ())))
+
+
+def default_replicas(nc: Any) -> int:
+    """3 on a cluster of 3 or more servers, else 1 (``MESH_REPLICAS`` in the environment overrides)."""
+    raw = os.environ.get("MESH_REPLICAS")
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise StateError(f"MESH_REPLICAS={raw!r}: give a number of replicas, e.g. 3") from None
+    return 3 if cluster_size(nc) >= 3 else 1
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool, description: str = "",
-                      history: int = 1) -> KeyValue:
-    """Open ``bucket``; with ``create``, make it (file storage) if it does not exist yet.
+                      history: int = 1, replicas: int | None = None, strict: bool = False) -> KeyValue:
+    """Open ``bucket``; with ``create``, make it (file storage, ``replicas`` copies: default
+    :func:`default_replicas`) if it does not exist yet.
 
+    A bucket that exists with another replica count than an explicit ``replicas`` is reported: a
+    warning, or with ``strict`` a :class:`StateError` naming both counts. Asked for more replicas
+    than the cluster has JetStream nodes, the create fails with a :class:`StateError` saying so.
     Raises :class:`StateNotFound` when it does not exist and ``create`` is false, and the other
     :class:`StateError` subclasses when JetStream cannot be reached.
     """
+    wanted = replicas
     try:
-        return await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
+        kv = await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
     except StateNotFound:
         if not create:
             raise
-    config = KeyValueConfig(bucket=bucket, description=description, history=history, storage=StorageType.FILE)
+    else:
+        if wanted is not None:
+            await _check_replicas(js, bucket, wanted, strict=strict)
+        return kv
+    count = wanted if wanted is not None else default_replicas(getattr(js, "_nc", None))
+    config = KeyValueConfig(bucket=bucket, description=description, history=history, storage=StorageType.FILE,
+                            replicas=count)
     try:
-        return await _guard(js.create_key_value(config), op="create", bucket=bucket, key=None, plugin=None, js=js)
+        kv = await _guard(js.create_key_value(config), op="create", bucket=bucket, key=None, plugin=None, js=js)
+        if count > 1:
+            log.info("created bucket %s with %d replicas", bucket, count)
+        return kv
     except StateError as exc:
-        if not isinstance(exc.__cause__, nats.js.errors.BadRequestError):
+        cause = exc.__cause__
+        if not isinstance(cause, nats.js.errors.BadRequestError) or getattr(cause, "err_code", None) in _TOO_FEW:
             raise
     # Another process created it between our look-up and our create.
-    return await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
+    kv = await _guard(js.key_value(bucket), op="open", bucket=bucket, key=None, plugin=None, js=js)
+    if wanted is not None:
+        await _check_replicas(js, bucket, wanted, strict=strict)
+    return kv
+
+
+async def _check_replicas(js: JetStreamContext, bucket: str, wanted: int, *, strict: bool) -> None:
+    info = await _guard(js.stream_info(f"KV_{bucket}"), op="open", bucket=bucket, key=None, plugin=None, js=js)
+    have = info.config.num_replicas or 1
+    if have == wanted:
+        return
+    text = (f"bucket {bucket} exists with {have} replica{'s' if have != 1 else ''}, and {wanted} were asked for: "
+            f"change it with `nats stream edit KV_{bucket} --replicas {wanted}`), "
+            f"or ask for {have}")
+    if strict:
+        raise StateError(text, bucket=bucket)
+    log.warning("%s", text)
 
 
 class StateStore:
-    """``context.state``: get / put / delete / keys / compare_and_set on the plugin's bucket."""
+    """``context.state``: get / put / delete / keys / compare_and_set on the plugin's bucket.
 
-    def __init__(self, kv: KeyValue, *, plugin: str, max_value_size: int | None = None) -> None:
+    Every operation is retried through a leader election or a reconnect for ``retry.within``
+    seconds (default 20, env ``MESH_RETRY_FOR``), each write stored at most once (see
+    ``plugin_sdk._durable``); then a typed :class:`StateError`.
+    """
+
+    def __init__(self, kv: KeyValue, *, plugin: str, max_value_size: int | None = None,
+                 retry: Retry | None = None) -> None:
         self._kv = kv
+        self._durable = DurableKV(kv, retry)
         self._plugin = plugin
         self._max = max_value_size
 
@@ -144,7 +221,7 @@ class StateStore:
     async def get_entry(self, key: str) -> StateEntry | None:
         """The value and its revision, or ``None`` when the key does not exist."""
         try:
-            e = await self._do(self._kv.get(_check_key(key, self.bucket)), "get", key)
+            e = await self._do(self._durable.get(_check_key(key, self.bucket)), "get", key)
         except StateError as exc:
             if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):  # KeyDeletedError is one too
                 return None
@@ -153,17 +230,18 @@ class StateStore:
 
     async def put(self, key: str, value: Any) -> int:
         """Store ``value`` (JSON) and return the new revision once JetStream has it."""
-        data = self._encode(key, value, headers=0)
-        return await self._do(self._kv.put(_check_key(key, self.bucket), data), "put", key, write=True)
+        data = self._encode(key, value, headers=_WRITE_HEADER_BYTES)
+        return await self._do(self._durable.put(_check_key(key, self.bucket), data), "put", key, write=True)
 
     async def compare_and_set(self, key: str, value: Any, *, revision: int) -> int:
         """Store ``value`` only if ``key`` is still at ``revision`` (0: only if it does not exist).
 
         Returns the new revision; raises :class:`StateConflict` when someone wrote in between.
         """
-        data = self._encode(key, value, headers=_EXPECT_HEADER_BYTES)
+        data = self._encode(key, value, headers=_WRITE_HEADER_BYTES + _EXPECT_HEADER_BYTES)
         _check_key(key, self.bucket)
-        write = self._kv.create(key, data) if revision == 0 else self._kv.update(key, data, last=revision)
+        write = (self._durable.create(key, data) if revision == 0
+                 else self._durable.update(key, data, last=revision))
         try:
             return await self._do(write, "compare_and_set", key, write=True)
         except StateError as exc:
@@ -173,11 +251,11 @@ class StateStore:
             raise
 
     async def delete(self, key: str) -> None:
-        await self._do(self._kv.delete(_check_key(key, self.bucket)), "delete", key, write=True)
+        await self._do(self._durable.delete(_check_key(key, self.bucket)), "delete", key, write=True)
 
     async def keys(self) -> list[str]:
         try:
-            return sorted(await self._do(self._kv.keys(), "keys", None))
+            return sorted(await self._do(self._durable.keys(), "keys", None))
         except StateError as exc:
             if isinstance(exc.__cause__, nats.js.errors.NoKeysError):
                 return []
@@ -194,6 +272,7 @@ class StateStore:
             raise StateTooLarge(f"{where} is {len(data)} bytes, over the limit of {self._max} (the plugin's "
                                 "max_payload)", plugin=self._plugin, bucket=self.bucket, key=key)
         if server_max is not None and len(data) + headers > server_max:
-            raise StateTooLarge(f"{where} is {len(data) + headers} bytes, over the limit of {server_max} (the "
-                                "NATS server's max_payload)", plugin=self._plugin, bucket=self.bucket, key=key)
+            raise StateTooLarge(f"{where} is {len(data)} bytes ({len(data) + headers} with its headers), over the "
+                                f"limit of {server_max} (the NATS server's max_payload)", plugin=self._plugin,
+                                bucket=self.bucket, key=key)
         return data

@@ -48,6 +48,8 @@ H_ERROR_TYPE: Final = "Mesh-Error-Type"
 # JetStream's own, for the KV writes we make by hand (a delete that must not overtake a newer value).
 H_KV_OPERATION: Final = "KV-Operation"
 H_EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+#: JetStream's de-duplication id: one per logical write, the same on each retry of it.
+H_MSG_ID: Final = "Nats-Msg-Id"
 #: nats-server's status header (a ``503`` on a reply subject: no responders).
 H_STATUS: Final = "Status"
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 from . import _tracing as tracing
 from ._config import SEMVER_RE, check_range, load_config_text, validate_name, version_matches
 from ._connection import MeshClient, close, connect, parse_urls, redact
+from ._durable import DurableKV, Retry
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
 from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
 from ._runtime import check_protocol, new_instance_id
-from ._state import open_bucket
+from ._state import cluster_size, default_replicas, open_bucket
 from ._tasks import TaskOwner, every
 from ._wire import (
     H_ENVELOPE,
@@ -75,10 +76,12 @@ __all__ = [
     "SEMVER_RE",
     "SERVING",
     "BoundedLog",
+    "DurableKV",
     "MeshClient",
     "NatsCluster",
     "NatsServer",
     "NatsServerError",
+    "Retry",
     "SubjectPermissions",
     "Subjects",
     "TaskOwner",
@@ -89,7 +92,9 @@ __all__ = [
     "check_size",
     "child_preexec",
     "close",
+    "cluster_size",
     "connect",
+    "default_replicas",
     "drain_all",
     "dumps",
     "envelope_tail",
