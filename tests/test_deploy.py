@@ -372,9 +372,10 @@ def test_k8s_agent_is_a_daemonset_named_after_its_node() -> None:
     assert (doc["apiVersion"], doc["kind"]) == ("apps/v1", "DaemonSet")
     container = _check_pod(doc)
     argv = _argv(container)
-    assert argv[:2] == ["mesh", "agent"] and argv[argv.index("--name") + 1] == "$(NODE_NAME)"
-    # Kubernetes expands $(NODE_NAME) only when the container defines it: from the downward API.
-    assert _env(container)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # Named after the node through MESH_AGENT_NAME (sanitized by the agent: dots are fine), not --name
+    # (checked strictly, so a node name with dots would be refused).
+    assert argv[:2] == ["mesh", "agent"] and "--name" not in argv
+    assert _env(container)["MESH_AGENT_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     data = argv[argv.index("--data-dir") + 1]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert any(data.startswith(m + "/") for m in mounts)  # the root filesystem is read-only
