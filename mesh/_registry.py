@@ -59,6 +59,7 @@ from plugin_sdk.host import (
     publish,
     registry_instance_key,
     registry_versions_key,
+    too_few_nodes,
     version_matches,
 )
 
@@ -77,9 +78,12 @@ class RegistryService:
     """Serve the registry API for one mesh prefix on ``nc``. ``async with`` or start/stop."""
 
     def __init__(self, nc: NATS, *, prefix: str = "mesh", missed_beats: float = 3.0,
-                 expire_after: float = 60.0, sweep_interval: float = 1.0, replicas: int | None = None) -> None:
+                 expire_after: float = 60.0, sweep_interval: float = 1.0, replicas: int | None = None,
+                 wait_for_nodes: float = 0.0) -> None:
         """``replicas``: copies of the registry's bucket (None: 3 on a cluster of 3+ servers, else 1;
-        given explicitly, an existing bucket with another count refuses the start)."""
+        given explicitly, an existing bucket with another count refuses the start). ``wait_for_nodes``:
+        seconds to wait for JetStream to have nodes enough for them (a cluster still starting)."""
+        self.wait_for_nodes = wait_for_nodes
         self.nc = nc
         self.replicas = replicas
         self.subjects = Subjects(prefix)
@@ -119,9 +123,11 @@ class RegistryService:
         """Load the bucket into the cache, then serve. Raises InitializationError (and serves
         nothing) if the cache cannot be loaded within ``ready_timeout`` seconds."""
         try:
-            self._kv = await open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
-                                         description="groundhog mesh registry", replicas=self.replicas,
-                                         strict=self.replicas is not None)
+            self._kv = await Retry(within=self.wait_for_nodes, max_pause=0.5).run(
+                lambda n: open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
+                                      description="groundhog mesh registry", replicas=self.replicas,
+                                      strict=self.replicas is not None),
+                what="the registry's bucket (waiting for JetStream nodes)", retry_on=too_few_nodes)
         except StateError as exc:
             raise InitializationError(f"the registry cannot start: {exc}") from None
         self._store = DurableKV(self._kv, self._retry)

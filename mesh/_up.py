@@ -304,7 +304,10 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
     code = 0
     try:
         # The registry and the agent log their own "serving …" line: no second one here.
-        async with RegistryService(nc, prefix=prefix, replicas=replicas) as registry, Agent(
+        # In a cluster, the other nodes may still be starting: the registry waits for the JetStream
+        # nodes its replicas need (bounded), then refuses saying how many there are.
+        wait = JOIN_TIMEOUT if replicas and replicas > 1 else 0.0
+        async with RegistryService(nc, prefix=prefix, replicas=replicas, wait_for_nodes=wait) as registry, Agent(
                 nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
                 cwd=base_dir, auth=secured.auth, trust_dir=secured.trust_dir,
                 require_signatures=secured.trust_dir is not None, replicas=replicas) as agent:

@@ -240,6 +240,13 @@ class MeshClient(Client):
         else:
             self._async_log.warning("NATS reported: %s", _describe(exc))
 
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        await super()._process_info(info, initial_connection)
+        # nats-py keeps the first INFO only; the cluster's later ones say which servers joined or left
+        # (``connect_urls``), which is what ``cluster_size`` reads.
+        if not initial_connection and "connect_urls" in info and self._server_info is not None:
+            self._server_info["connect_urls"] = info["connect_urls"]
+
     async def _process_err(self, err_msg: str) -> None:
         text = err_msg.strip().strip("'")
         low = text.lower()

@@ -29,7 +29,7 @@ from ._durable import DurableKV, Retry
 from ._errors import StateConflict, StateError, StateNotFound, StateTimeout, StateTooLarge, StateUnavailable
 from ._wire import dumps, loads
 
-__all__ = ["StateEntry", "StateStore", "cluster_size", "default_replicas", "open_bucket"]
+__all__ = ["StateEntry", "StateStore", "cluster_size", "default_replicas", "open_bucket", "too_few_nodes"]
 
 log = logging.getLogger("mesh.state")
 
@@ -117,6 +117,11 @@ async def _guard(aw: Awaitable[T], *, op: str, bucket: str, key: str | None, plu
         if notes:  # how long it was retried (plugin_sdk._durable)
             error = type(error)(f"{error} {notes}", plugin=plugin, bucket=bucket, key=key)
         raise error from exc
+
+
+def too_few_nodes(exc: BaseException) -> bool:
+    """Whether ``exc`` is JetStream saying it has fewer nodes than the replicas asked for."""
+    return isinstance(exc, StateError) and getattr(exc.__cause__, "err_code", None) in _TOO_FEW
 
 
 def cluster_size(nc: Any) -> int:

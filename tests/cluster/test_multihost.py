@@ -1,0 +1,212 @@
+"""Three hosts, each running `mesh up --listen ADDR --join <the other two>` (a cluster node, a
+registry replica, an agent), as separate network namespaces where the machine allows it, else on
+loopback. A plugin is placed on another host with `mesh load --on`; with --secure, routes use TLS.
+A link cut (namespaces only) marks the cut host's instances unhealthy, and nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import ssl
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import close, connect
+from mesh._connect import ClientSecurity
+from plugin_sdk import Health, PluginMessaging, PluginRegistry
+from plugin_sdk.host import Retry, Subjects
+from tests.cluster.conftest import Tally, missing_writes, put_traffic
+from tests.cluster.netns import Host, Hosts, loopback_hosts, netns_unavailable
+from tests.conftest import child_env, eventually
+from tests.e2e.test_up import Up
+from tests.e2e.test_up_tls import _cli, _exported
+
+NETNS = netns_unavailable()
+
+
+@pytest.fixture(scope="module")
+def netns_hosts() -> Iterator[list[Host]]:
+    if NETNS:
+        pytest.skip(NETNS)
+    with Hosts(3) as made:
+        yield made.hosts
+
+
+@pytest.fixture(params=["netns", "loopback"])
+def hosts(request: pytest.FixtureRequest) -> list[Host]:
+    if request.param == "netns":
+        hosts: list[Host] = request.getfixturevalue("netns_hosts")
+        return hosts
+    return loopback_hosts(3)
+
+
+@dataclass
+class Machine:
+    host: Host
+    up: Up
+    data: Path
+
+
+async def _start(host: Host, others: list[Host], data: Path, prefix: str, *extra: str) -> Up:
+    argv = host.command(sys.executable, "-m", "mesh", "up", "--listen", host.addr, "--port", str(host.port),
+                        "--route-port", str(host.route_port), "--join", ",".join(o.route for o in others),
+                        "--server-name", host.name, "--data-dir", str(data), *extra)
+    env = child_env(MESH_PREFIX=prefix, MESH_AGENT_NAME=host.name, MESH_HEARTBEAT_INTERVAL="0.5")
+    env.pop("MESH_NATS_URL", None)
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=data.parent, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    return Up(proc)
+
+
+async def _machines(hosts: list[Host], tmp: Path, prefix: str, *, secure: bool) -> list[Machine]:
+    """All three up (each waits for a majority of the cluster); under --secure, the first one's CA
+    and auth store copied to the others before they start, as an operator would."""
+    extra = ("--secure",) if secure else ()
+    datas = [tmp / h.name / "data" for h in hosts]
+    for d in datas:
+        d.parent.mkdir(parents=True)
+    machines = [Machine(hosts[0], await _start(hosts[0], hosts[1:], datas[0], prefix, *extra), datas[0])]
+    if secure:
+        made = [datas[0] / "auth" / "admin.creds", datas[0] / "pki" / "ca-key.pem"]
+        await eventually(lambda: _exist(made), timeout=30, what="the first host's CA and auth store")
+        for d in datas[1:]:
+            for part in ("pki", "auth"):
+                shutil.copytree(datas[0] / part, d / part)
+    for i in (1, 2):
+        machines.append(Machine(hosts[i], await _start(hosts[i], [h for h in hosts if h is not hosts[i]],
+                                                       datas[i], prefix, *extra), datas[i]))
+    for m in machines:
+        await m.up.ready(timeout=90)
+    return machines
+
+
+async def _exist(paths: list[Path]) -> bool:
+    return all(p.exists() for p in paths)
+
+
+@pytest.fixture
+async def stop_all() -> AsyncIterator[list[Machine]]:
+    machines: list[Machine] = []
+    yield machines
+    await asyncio.gather(*(m.up.kill() for m in machines))
+
+
+def _env(machines: list[Machine], prefix: str, *, hosts: list[Host] | None = None) -> dict[str, str]:
+    """What the CLI on the test's side is given: the first host's export line (URL, CA, creds)."""
+    lines = machines[0].up.lines
+    exported = _exported(lines) if any("export MESH_NATS_URL=" in line for line in lines) else {}
+    scheme = "tls" if exported else "nats"
+    urls = ",".join(f"{scheme}://{h.addr}:{h.port}" for h in (hosts or [m.host for m in machines]))
+    return {**exported, "MESH_NATS_URL": urls, "MESH_PREFIX": prefix}
+
+
+async def _ok(*args: str, env: dict[str, str]) -> Any:
+    r = await _cli(*args, env=env, timeout=60)
+    assert r.code == 0, (args, r)
+    return json.loads(r.out) if r.out.strip().startswith(("{", "[")) else r.out
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+async def test_three_hosts_one_mesh(hosts: list[Host], tmp_path: Path, prefix: str, secure: bool,
+                                    stop_all: list[Machine]) -> None:
+    stop_all += await _machines(hosts, tmp_path, prefix, secure=secure)
+    env = _env(stop_all, prefix)
+    agents = await _ok("agents", "--json", env=env)
+    assert sorted(a["agent"] for a in agents) == ["host-0", "host-1", "host-2"]
+    assert all(a["host"] for a in agents)
+
+    loaded = await _ok("load", "clusterplugins:Keeper", "--on", "host-2", env=env)
+    assert len(loaded["instances"]) == 1
+    # Sent through host 0's node, answered on host 2, stored with three replicas.
+    only_first = _env(stop_all, prefix, hosts=[hosts[0]])
+    assert await _ok("send", "keeper", "--op", "put", '{"key": "a", "value": 7}', env=only_first)
+    listed = await _ok("ls", "--json", env=only_first)
+    assert [(i["name"], i["agent"], i["health"]) for i in listed] == [("keeper", "host-2", "healthy")]
+    assert (await _ok("state", "get", "keeper", "a", env=only_first)).strip() == "7"
+    security = ClientSecurity.from_env(env) if secure else None
+    nc = await connect(env["MESH_NATS_URL"], name="test", security=security)
+    try:
+        for bucket in (Subjects(prefix).registry_bucket, Subjects(prefix).state_bucket("keeper")):
+            info = await nc.jetstream().stream_info(f"KV_{bucket}")
+            assert info.config.num_replicas == 3 and info.cluster is not None and len(info.cluster.replicas or []) == 2
+    finally:
+        await close(nc)
+    if secure:  # the routes too: TLS, and only with a route certificate of the mesh's CA
+        for m in stop_all:
+            assert _route_speaks(m.host, m.data / "pki", with_cert=True).startswith(b"INFO"), m.host
+            with pytest.raises((ssl.SSLError, OSError)):
+                _route_speaks(m.host, m.data / "pki", with_cert=False)
+    for m in stop_all:
+        assert await m.up.stop() == 0, m.up.lines
+
+
+def _route_speaks(host: Host, pki: Path, *, with_cert: bool) -> bytes:
+    """What a node's route port says after a TLS handshake (with or without a route certificate of
+    the mesh's CA); raises ssl.SSLError / OSError if the node refuses. (The test's side reaches every
+    host's address: the bridge's.)"""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.check_hostname = False
+    if with_cert:
+        context.load_cert_chain(str(pki / "route.pem"), str(pki / "route-key.pem"))
+    with socket.create_connection((host.addr, host.route_port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host.addr) as tls:
+        return tls.recv(4096)
+
+
+async def test_a_cut_link_marks_that_hosts_instances_unhealthy_and_loses_nothing(
+        netns_hosts: list[Host], tmp_path: Path, prefix: str, stop_all: list[Machine], report: Any) -> None:
+    hosts = netns_hosts
+    stop_all += await _machines(hosts, tmp_path, prefix, secure=False)
+    env = _env(stop_all, prefix)
+    for where in ("host-1", "host-2"):
+        await _ok("load", "clusterplugins:Keeper", "--on", where, env=env)
+    # The test's side talks to hosts 0 and 1 only: host 2 is the one cut off.
+    nc = await connect(",".join(h.url for h in hosts[:2]), name="test")
+    try:
+        registry = PluginRegistry(nc, prefix=prefix, retry=Retry(within=5))
+        messaging = PluginMessaging(nc, prefix=prefix, source="test")
+
+        async def health_on(agent: str) -> Health | None:
+            found = [i for i in await registry.list_plugins("keeper") if i.agent == agent]
+            return found[0].health if found else None
+
+        await eventually(lambda: _is(health_on("host-2"), Health.HEALTHY), timeout=30, what="keeper on host-2")
+        await eventually(lambda: _is(health_on("host-1"), Health.HEALTHY), timeout=30, what="keeper on host-1")
+        tally, stop = Tally(), asyncio.Event()
+        traffic = asyncio.ensure_future(put_traffic(messaging, tally, stop, timeout=3))
+        await eventually(lambda: _more(tally, 20), what="traffic before the cut")
+        hosts[2].cut()
+        try:
+            await eventually(lambda: _is(health_on("host-2"), Health.UNHEALTHY), timeout=60,
+                             what="host-2's keeper unhealthy while cut")
+            during = tally.answered
+            await eventually(lambda: _more(tally, during + 20), timeout=60, what="answers from host-1 while cut")
+            assert await health_on("host-1") == Health.HEALTHY
+        finally:
+            hosts[2].restore()
+        await eventually(lambda: _is(health_on("host-2"), Health.HEALTHY), timeout=90,
+                         what="host-2's keeper healthy again after the link is back")
+        stop.set()
+        await asyncio.wait_for(traffic, 30)
+        report(tally.line("link to host-2 cut, then restored"))
+        assert not tally.untyped, tally.untyped[:5]
+        assert await missing_writes(nc, Subjects(prefix).state_bucket("keeper"), tally.acked) == []
+    finally:
+        await close(nc)
+    for m in stop_all:
+        assert await m.up.stop() == 0, m.up.lines
+
+
+async def _is(value: Any, wanted: Any) -> bool:
+    return bool(await value == wanted)
+
+
+async def _more(tally: Tally, n: int) -> bool:
+    return tally.answered >= n
