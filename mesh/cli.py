@@ -105,9 +105,9 @@ def up(
     cluster: Annotated[int, typer.Option("--cluster", metavar="N", help="Run N local nats-server nodes routed into "
                                          "one JetStream cluster (development; client ports --port upward, stores in "
                                          "<data-dir>/n0, n1, …).", show_default=False)] = 0,
-    listen: Annotated[str, typer.Option("--listen", metavar="HOST", help="Address the embedded server's listeners "
-                                        "bind (clients and routes); another machine's plugins need a reachable "
-                                        "one.")] = "127.0.0.1",
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST", help="Address the embedded server listens on "
+                                        "(for clients; with --join, for routes too): another machine's agents and "
+                                        "plugins need one they can reach.")] = "127.0.0.1",
     join: Annotated[str | None, typer.Option("--join", metavar="ROUTE,…", show_default=False,
                                              help="Run a node that routes to these other nodes "
                                              "(nats-route://HOST:6222, comma-separated), plus the registry and "

@@ -86,7 +86,7 @@ def _translate(exc: Exception, *, op: str, bucket: str, key: str | None, plugin:
     down = _connection_state(js)
     if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError is one too
         after = "; the write may or may not have been stored: re-read before retrying" if write else ""
-        return StateTimeout(f"{what}: JetStream did not answer within {getattr(js, '_timeout', 5):g}s{down}{after}",
+        return StateTimeout(f"{what}: JetStream did not answer in time{down}{after}",
                             **kw)
     if isinstance(exc, _UNAVAILABLE):
         why = {nats.errors.ConnectionClosedError: "the NATS connection is closed",
@@ -163,6 +163,8 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool, descri
     else:
         if wanted is not None:
             await _check_replicas(js, bucket, wanted, strict=strict)
+        else:  # the automatic count: a bucket with fewer copies than the cluster could keep is reported
+            await _check_replicas(js, bucket, default_replicas(getattr(js, "_nc", None)), strict=False, auto=True)
         return kv
     count = wanted if wanted is not None else default_replicas(getattr(js, "_nc", None))
     config = KeyValueConfig(bucket=bucket, description=description, history=history, storage=StorageType.FILE,
@@ -183,14 +185,20 @@ async def open_bucket(js: JetStreamContext, bucket: str, *, create: bool, descri
     return kv
 
 
-async def _check_replicas(js: JetStreamContext, bucket: str, wanted: int, *, strict: bool) -> None:
-    info = await _guard(js.stream_info(f"KV_{bucket}"), op="open", bucket=bucket, key=None, plugin=None, js=js)
+async def _check_replicas(js: JetStreamContext, bucket: str, wanted: int, *, strict: bool, auto: bool = False) -> None:
+    try:
+        info = await _guard(js.stream_info(f"KV_{bucket}"), op="open", bucket=bucket, key=None, plugin=None, js=js)
+    except StateError as exc:
+        if auto:  # only a report: never a reason not to start
+            log.debug("replicas of bucket %s not checked: %s", bucket, exc)
+            return
+        raise
     have = info.config.num_replicas or 1
-    if have == wanted:
+    if have == wanted or (auto and have > wanted):
         return
-    text = (f"bucket {bucket} exists with {have} replica{'s' if have != 1 else ''}, and {wanted} were asked for: "
-            f"change it with `nats stream edit KV_{bucket} --replicas {wanted}`), "
-            f"or ask for {have}")
+    asked = f"the cluster's nodes could keep {wanted}" if auto else f"{wanted} were asked for"
+    text = (f"bucket {bucket} exists with {have} replica{'s' if have != 1 else ''}, and {asked}: "
+            f"change it with `nats stream edit KV_{bucket} --replicas {wanted}`, or ask for {have} (--replicas)")
     if strict:
         raise StateError(text, bucket=bucket)
     log.warning("%s", text)

@@ -153,3 +153,12 @@ def test_what_is_retried() -> None:
     assert not durable.transient(nats.errors.ConnectionClosedError())
     assert not durable.transient(nats.js.errors.KeyWrongLastSequenceError())
     assert not durable.transient(nats.js.errors.BadRequestError(code=400, err_code=10005))
+
+
+async def test_an_existing_bucket_with_fewer_copies_than_the_cluster_could_keep_is_reported(
+        cnc: NATS, caplog: pytest.LogCaptureFixture) -> None:
+    await open_bucket(cnc.jetstream(), "few", create=True, replicas=1)
+    caplog.clear()
+    await open_bucket(cnc.jetstream(), "few", create=True)  # the automatic count: 3 on this cluster
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "bucket few exists with 1 replica" in warned[0] and "could keep 3" in warned[0], warned
