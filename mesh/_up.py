@@ -297,17 +297,16 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                 say: Callable[[str], None], stop: asyncio.Event, secured: Secured, replicas: int | None) -> int:
+                 say: Callable[[str], None], stop: asyncio.Event, secured: Secured, replicas: int | None,
+                 wait_for_nodes: float = 0.0) -> int:
     nc = await connect(url, name="mesh up", wait=5, security=secured.client)
     # With OTEL_* set, the in-process registry and agent trace too (the plugins, their own processes, do anyway).
     flush_traces = setup_tracing("mesh-up", version=__version__)
     code = 0
     try:
         # The registry and the agent log their own "serving …" line: no second one here.
-        # In a cluster, the other nodes may still be starting: the registry waits for the JetStream
-        # nodes its replicas need (bounded), then refuses saying how many there are.
-        wait = JOIN_TIMEOUT if replicas and replicas > 1 else 0.0
-        async with RegistryService(nc, prefix=prefix, replicas=replicas, wait_for_nodes=wait) as registry, Agent(
+        async with RegistryService(nc, prefix=prefix, replicas=replicas,
+                                   wait_for_nodes=wait_for_nodes) as registry, Agent(
                 nc, nats_url=url, prefix=prefix, heartbeat_interval=heartbeat, data_dir=data_dir / "agent",
                 cwd=base_dir, auth=secured.auth, trust_dir=secured.trust_dir,
                 require_signatures=secured.trust_dir is not None, replicas=replicas) as agent:
@@ -365,8 +364,12 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
         say(f"using NATS at {redact(nats_url)}")
     try:
         with _environment(secured.env):
+            # In a cluster this mesh up started, the other nodes may still be starting: the registry
+            # waits (bounded) for the JetStream nodes its replicas need, then refuses saying so.
+            wait = JOIN_TIMEOUT if (topology.cluster or topology.join) and (replicas or 1) > 1 else 0.0
             return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
-                                     data_dir=data_dir, say=say, secured=secured, replicas=replicas))
+                                     data_dir=data_dir, say=say, secured=secured, replicas=replicas,
+                                     wait_for_nodes=wait))
     finally:
         for server in reversed(servers):
             server.stop()
@@ -405,7 +408,7 @@ def _start_nats(topology: Topology, *, port: int, data_dir: Path, secured: Secur
 
 
 async def _main(url: str, levels: list[Level], *, prefix: str, heartbeat: float, base_dir: Path, data_dir: Path,
-                say: Callable[[str], None], secured: Secured, replicas: int | None) -> int:
+                say: Callable[[str], None], secured: Secured, replicas: int | None, wait_for_nodes: float) -> int:
     with stop_on_signals() as stop:
         return await _serve(url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir, data_dir=data_dir,
-                            say=say, stop=stop, secured=secured, replicas=replicas)
+                            say=say, stop=stop, secured=secured, replicas=replicas, wait_for_nodes=wait_for_nodes)

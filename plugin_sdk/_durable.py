@@ -80,10 +80,16 @@ class Retry:
                   retry_on: Callable[[BaseException], bool] | None = None) -> T:
         """``attempt(n)`` (n = 1, 2, …) until it returns, raises something not transient, or time is
         up; then the last error, with a note of how many attempts were made over how long."""
-        def note(state: RetryCallState) -> None:
+        said = [-1e9]
+
+        def note(state: RetryCallState) -> None:  # the first retry, then at most one line every 5 s
+            elapsed = state.seconds_since_start or 0.0
+            if elapsed - said[0] < 5.0:
+                return
+            said[0] = elapsed
             exc = state.outcome.exception() if state.outcome else None
-            log.info("%s: %s; retrying (attempt %d, %.1fs so far)", what, _describe(exc), state.attempt_number,
-                     state.seconds_since_start or 0.0)
+            log.info("%s: %s; retrying (attempt %d, %.1fs so far, up to %gs)", what, _describe(exc),
+                     state.attempt_number, elapsed, self.within)
 
         retrying = AsyncRetrying(stop=stop_after_delay(self.within),
                                  wait=wait_random_exponential(multiplier=self.first_pause, max=self.max_pause),

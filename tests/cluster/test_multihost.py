@@ -24,7 +24,7 @@ from plugin_sdk import Health, PluginMessaging, PluginRegistry
 from plugin_sdk.host import Retry, Subjects
 from tests.cluster.conftest import Tally, missing_writes, put_traffic
 from tests.cluster.netns import Host, Hosts, loopback_hosts, netns_unavailable
-from tests.conftest import child_env, eventually
+from tests.conftest import ROOT, child_env, eventually
 from tests.e2e.test_up import Up
 from tests.e2e.test_up_tls import _cli, _exported
 
@@ -58,7 +58,8 @@ async def _start(host: Host, others: list[Host], data: Path, prefix: str, *extra
     argv = host.command(sys.executable, "-m", "mesh", "up", "--listen", host.addr, "--port", str(host.port),
                         "--route-port", str(host.route_port), "--join", ",".join(o.route for o in others),
                         "--server-name", host.name, "--data-dir", str(data), *extra)
-    env = child_env(MESH_PREFIX=prefix, MESH_AGENT_NAME=host.name, MESH_HEARTBEAT_INTERVAL="0.5")
+    env = child_env(MESH_PREFIX=prefix, MESH_AGENT_NAME=host.name, MESH_HEARTBEAT_INTERVAL="0.5",
+                    MESH_TRUST_DIR=str(data / "trusted"))  # each host its own trust store
     env.pop("MESH_NATS_URL", None)
     proc = await asyncio.create_subprocess_exec(*argv, cwd=data.parent, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -138,6 +139,20 @@ async def test_three_hosts_one_mesh(hosts: list[Host], tmp_path: Path, prefix: s
             assert info.config.num_replicas == 3 and info.cluster is not None and len(info.cluster.replicas or []) == 2
     finally:
         await close(nc)
+    # A plugin package, signed, sent to host 1 with the load request: it runs from host 1's own
+    # copy, verified against host 1's trust store (whose operator trusted the key).
+    pkg = tmp_path / "greeter"
+    shutil.copytree(ROOT / "tests" / "packages" / "signed_greeter", pkg,
+                    ignore=shutil.ignore_patterns("mesh-signature.json", "__pycache__"))
+    keys = {**env, "MESH_KEYS_DIR": str(tmp_path / "keys")}
+    await _ok("keys", "generate", "ops", env=keys)
+    await _ok("sign", str(pkg), "--key", "ops", env=keys)
+    await _ok("keys", "trust", str(tmp_path / "keys" / "ops.pub"),
+              env={**keys, "MESH_TRUST_DIR": str(stop_all[1].data / "trusted")})
+    placed = await _ok("load", str(pkg), "--on", "host-1", env=env)
+    assert placed["package"]["signed_by"] and len(placed["instances"]) == 1
+    greeted = await _ok("send", "signed-greeter", '{"name": "host 0"}', env=only_first)
+    assert greeted["greeting"].endswith("host 0!") and str(stop_all[1].data) in greeted["file"]
     if secure:  # the routes too: TLS, and only with a route certificate of the mesh's CA
         for m in stop_all:
             assert _route_speaks(m.host, m.data / "pki", with_cert=True).startswith(b"INFO"), m.host
