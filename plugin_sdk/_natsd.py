@@ -309,15 +309,20 @@ class NatsCluster:
         hosts = hosts or ["127.0.0.1"] * size
         if len(hosts) != size:
             raise ValueError(f"NatsCluster(size={size}) was given {len(hosts)} hosts")
-        ports = ports or [free_port(h) for h in hosts]
-        cluster_ports = cluster_ports or [free_port(h) for h in hosts]
         self.data_dir = Path(data_dir)
         self.name = name
+        self._hosts, self._ports, self._cluster_ports, self._options = hosts, ports, cluster_ports, options
+        self.nodes = self._build()
+
+    def _build(self) -> list[NatsServer]:
+        hosts = self._hosts
+        ports = self._ports or [free_port(h) for h in hosts]
+        cluster_ports = self._cluster_ports or [free_port(h) for h in hosts]
         routes = [f"nats-route://{h}:{p}" for h, p in zip(hosts, cluster_ports, strict=True)]
-        self.nodes = [NatsServer(self.data_dir / f"n{i}", host=h, port=ports[i], monitor_port=free_port(h),
-                                 name=f"{name}-n{i}", cluster_name=name, cluster_port=cluster_ports[i],
-                                 routes=[r for j, r in enumerate(routes) if j != i], **options)  # type: ignore[arg-type]
-                      for i, h in enumerate(hosts)]
+        return [NatsServer(self.data_dir / f"n{i}", host=h, port=ports[i], monitor_port=free_port(h),
+                           name=f"{self.name}-n{i}", cluster_name=self.name, cluster_port=cluster_ports[i],
+                           routes=[r for j, r in enumerate(routes) if j != i], **self._options)  # type: ignore[arg-type]
+                for i, h in enumerate(hosts)]
 
     @property
     def urls(self) -> str:
@@ -325,6 +330,18 @@ class NatsCluster:
         return ",".join(n.url for n in self.nodes)
 
     def start(self, *, timeout: float = 30.0) -> NatsCluster:
+        """Start every node and wait until all are healthy. Ports this cluster chose itself (free
+        ones) may be taken by someone else before a node binds them: then it chooses again (3 tries)."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except NatsServerError as exc:
+                if "address already in use" not in str(exc) or self._ports or self._cluster_ports or attempt == 2:
+                    raise
+                self.nodes = self._build()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start(self, timeout: float) -> NatsCluster:
         deadline = time.monotonic() + timeout
         for node in self.nodes:  # launched together: a node waits for its routes' peers anyway
             if not node.running():

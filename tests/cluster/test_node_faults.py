@@ -131,3 +131,25 @@ async def test_compare_and_set_from_three_processes_while_nodes_are_killed_count
     revisions = [r for _, r in successes]
     assert revisions == sorted(set(revisions))  # strictly increasing with the value
     assert not tally.untyped, tally.untyped[:5]
+
+
+async def test_a_plugin_given_one_url_fails_over_to_a_server_the_cluster_advertised(
+        cluster: NatsCluster, cnc: NATS, cmesh: Mesh, prefix: str) -> None:
+    only = cluster.nodes[0]
+    cmesh.url = only.url  # this plugin host knows one server; the cluster tells it of the others
+    keeper = await cmesh.spawn(KEEPER)
+    messaging = PluginMessaging(cnc, prefix=prefix, source="test")
+    assert (await messaging.send_message("keeper", {}, operation="where")).result["port"] == only.port
+    only.kill()
+
+    async def elsewhere() -> int | None:
+        try:
+            port = (await messaging.send_message("keeper", {}, operation="where", timeout=2)).result["port"]
+        except Exception:
+            return None
+        return port if port != only.port else None
+
+    moved = await eventually(elsewhere, timeout=60, what="the plugin answering through another node")
+    assert moved in {n.port for n in cluster.nodes[1:]}
+    assert keeper.proc.returncode is None
+    assert await messaging.send_message("keeper", {"key": "after", "value": 1}, operation="put")
