@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,6 +22,7 @@ from plugin_sdk import (
 from plugin_sdk.host import NatsServerError, Retry, Subjects
 
 from ._connect import DEFAULT_URL, ENV, close, connect, default_prefix, default_url
+from ._run_main import failure_line, setup_logging
 
 #: A CLI command retries registry calls only briefly: an operator would rather hear at once that
 #: no registry answers (MESH_RETRY_FOR does not apply; a long-running process retries for longer).
@@ -95,13 +95,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except PluginError as exc:
-        where = f" (plugin {exc.plugin})" if exc.plugin and exc.plugin not in str(exc) else ""
-        raise _fail(f"{type(exc).__name__}: {exc}{where}") from None
-    except (UserError, NatsServerError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    except nats.errors.Error as exc:
-        raise _fail(f"NATS: {type(exc).__name__}: {exc}") from None
+    except (PluginError, UserError, NatsServerError, ValueError, nats.errors.Error) as exc:
+        raise _fail(failure_line(exc) or str(exc)) from None
 
 
 def _payload(raw: str | None) -> Any:
@@ -134,10 +129,7 @@ async def _with_nc(nats_url: str | None, fn: Callable[[Any], Awaitable[T]]) -> T
         await close(nc)
 
 
-def _setup_logging() -> None:
-    level = os.environ.get("MESH_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+_setup_logging = setup_logging
 
 
 def _prefix(p: str | None) -> str:

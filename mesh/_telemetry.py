@@ -32,14 +32,16 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
-
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
+from typing import TYPE_CHECKING, Any
 
 from plugin_sdk import ConfigError
+
+# The OpenTelemetry SDK is imported only when tracing or metrics are turned on: with them off
+# (the default) a plugin host does without it (docs/performance.md: idle host memory).
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 __all__ = ["FLUSH_TIMEOUT", "setup_metrics", "setup_tracing"]
 
@@ -49,24 +51,29 @@ log = logging.getLogger("mesh.telemetry")
 FLUSH_TIMEOUT = 2.0
 
 
-class _CountingExporter(SpanExporter):
-    """Delegates to ``inner`` and counts the spans whose export failed (to say so at exit)."""
+def _counting_exporter(inner: SpanExporter) -> Any:
+    """An exporter that delegates to ``inner`` and counts the spans whose export failed (``.failed``,
+    to say so at exit)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-    def __init__(self, inner: SpanExporter) -> None:
-        self.inner = inner
-        self.failed = 0
+    class CountingExporter(SpanExporter):
+        def __init__(self) -> None:
+            self.inner = inner
+            self.failed = 0
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = self.inner.export(spans)
-        if result is not SpanExportResult.SUCCESS:
-            self.failed += len(spans)
-        return result
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            result = self.inner.export(spans)
+            if result is not SpanExportResult.SUCCESS:
+                self.failed += len(spans)
+            return result
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
+        def shutdown(self) -> None:
+            self.inner.shutdown()
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.inner.force_flush(timeout_millis)
+
+    return CountingExporter()
 
 
 @contextlib.contextmanager
@@ -117,6 +124,10 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
     endpoint = _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
     if exporter_name == "none" or not (exporter_name or endpoint):
         return None
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout carries command results
@@ -124,7 +135,7 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
         exporter = _otlp_exporter("traces")
     else:
         raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported here: use otlp, console or none")
-    counting = _CountingExporter(exporter)
+    counting = _counting_exporter(exporter)
     provider = TracerProvider(resource=_resource(service_name, version, instance_id))
     provider.add_span_processor(BatchSpanProcessor(counting))
     trace.set_tracer_provider(provider)
@@ -144,6 +155,8 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
 
 
 def _resource(service_name: str, version: str, instance_id: str) -> Resource:
+    from opentelemetry.sdk.resources import Resource
+
     attributes = {"service.name": service_name, "host.name": socket.gethostname()}
     if version:
         attributes["service.version"] = version
@@ -159,6 +172,7 @@ def setup_metrics(service_name: str, *, version: str = "", instance_id: str = ""
         names = ["otlp"]
     if not names or names == ["none"]:
         return None
+    from opentelemetry import metrics
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import (
         ConsoleMetricExporter,

@@ -53,6 +53,7 @@ from ._cli_common import (
 )
 from ._cli_trace import root_span, show_trace, trace_cmd
 from ._connect import close, connect, default_url
+from ._run_main import ready_event
 from ._service import stop_on_signals, wait_any
 
 
@@ -205,34 +206,8 @@ def run(
             raise _fail(str(exc)) from None
     code = _run(run_plugin(ref, config_path=str(config) if config else None, nats_url=nats_url,
                            prefix=_prefix(prefix), heartbeat_interval=heartbeat_interval, instance_id=instance_id,
-                           ready=_ready_event()))
+                           ready=ready_event()))
     raise typer.Exit(code)
-
-
-class _FdReady(asyncio.Event):
-    """Set once the plugin serves: also writes one byte to ``fd`` and closes it (how `mesh run
-    --reload` learns that a reload worked; the pipe closing without a byte means it failed)."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd: int | None = fd
-
-    def set(self) -> None:
-        super().set()
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.write(fd, b"1")
-            except OSError:  # the watcher went away: nobody to tell
-                pass
-            finally:
-                os.close(fd)
-
-
-def _ready_event() -> asyncio.Event | None:
-    """``MESH_READY_FD`` (set by `mesh run --reload` for its child): the fd to signal readiness on."""
-    raw = os.environ.pop("MESH_READY_FD", "")
-    return _FdReady(int(raw)) if raw.isdigit() else None
 
 
 @app.command()

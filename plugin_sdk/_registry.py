@@ -49,9 +49,13 @@ class PluginRegistry:
         self._timeout = timeout
         self._retry = retry or Retry.from_env()
 
+    def with_retry(self, retry: Retry) -> PluginRegistry:
+        """This client, retrying per ``retry`` instead."""
+        return PluginRegistry(self._nc, prefix=self._subjects.prefix, timeout=self._timeout, retry=retry)
+
     def without_retries(self) -> PluginRegistry:
         """This client, answering at once instead of retrying (for look-ups that are only a hint)."""
-        return PluginRegistry(self._nc, prefix=self._subjects.prefix, timeout=self._timeout, retry=Retry(within=0))
+        return self.with_retry(Retry(within=0))
 
     async def _call(self, verb: str, body: Any, *, timeout: float | None = None, instance: str | None = None) -> Any:
         return await self._retry.run(lambda n: self._call_once(verb, body, timeout=timeout, instance=instance),

@@ -110,6 +110,9 @@ class PluginRuntime:
         self.resources = ResourceSampler()
         self._retry = Retry.from_env(self.config.retry_for)
         self.registry = PluginRegistry(nc, prefix=prefix, retry=self._retry)
+        # Registering at start and unregistering at stop wait briefly: heartbeats register an
+        # instance anyway, and the registry forgets a silent one; neither may hold a start or stop up.
+        self._lifecycle_registry = self.registry.with_retry(Retry(within=min(LIFECYCLE_RETRY, self._retry.within)))
         self.messaging = PluginMessaging(nc, prefix=prefix, source=self.config.name,
                                          source_instance=self.instance_id, permissions=self.config.permissions,
                                          registry=self.registry)
@@ -208,13 +211,13 @@ class PluginRuntime:
             await self._teardown_after_failure()
             if self._announced:  # it told the registry it was starting: take that back
                 with contextlib.suppress(CommunicationError, nats.errors.Error):
-                    await self.registry.unregister_plugin(self.instance_id)
+                    await self._lifecycle_registry.unregister_plugin(self.instance_id)
             raise
         if not self.register:
             return
         await self.check_health()
         try:
-            await self.registry.register_plugin(self.info())
+            await self._lifecycle_registry.register_plugin(self.info())
         except CommunicationError as exc:
             self.log.warning("registry unavailable (%s); heartbeats will register this instance", exc)
         self._heartbeat = self._tasks.spawn(every(self.heartbeat_interval, self._beat, log=self.log, what="heartbeat"),
@@ -237,7 +240,8 @@ class PluginRuntime:
             problem = ""
             for dep in needed:
                 try:
-                    if not await self.registry.list_plugins(dep.name, version=dep.version or None, healthy_only=True):
+                    if not await self._lifecycle_registry.list_plugins(dep.name, version=dep.version or None,
+                                                                       healthy_only=True):
                         missing.append(dep)
                 except CommunicationError as exc:
                     missing.append(dep)
@@ -268,7 +272,8 @@ class PluginRuntime:
     async def _why_missing(self, dep: Dependency) -> str:
         """``running: 2.0.0; none in range`` or ``no healthy instance``, as the registry sees it now."""
         try:
-            running = sorted({i.version for i in await self.registry.list_plugins(dep.name, healthy_only=True)})
+            infos = await self._lifecycle_registry.list_plugins(dep.name, healthy_only=True)
+            running = sorted({i.version for i in infos})
         except CommunicationError:
             running = []
         return f"running: {', '.join(running)}; none in range" if running else "no healthy instance"
@@ -376,7 +381,7 @@ class PluginRuntime:
         self.plugin.state = PluginState.STOPPED
         if self.register:
             try:
-                await self.registry.unregister_plugin(self.instance_id)
+                await self._lifecycle_registry.unregister_plugin(self.instance_id)
             except (CommunicationError, nats.errors.Error) as exc:
                 self.log.warning("could not unregister %s: %s", self.instance_id, exc)
         return ok
@@ -713,6 +718,8 @@ _KINDS = frozenset({"command", "query", "event"})
 
 #: How often the deadline watchdog looks: handler timeouts are precise to about this.
 DEADLINE_TICK = 0.05
+#: Seconds the registry calls of a start or a stop (register, unregister, dependency polls) retry.
+LIFECYCLE_RETRY = 2.0
 
 
 def _start_task(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
