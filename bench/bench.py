@@ -22,6 +22,11 @@ pair of (raw, mesh), back to back and in alternating order over several rounds:
 
 Latency samples are pooled over the rounds; throughputs are the median over the rounds. The
 ratio is mesh/raw for every row (> 1 is slower for latency, < 1 is slower for throughput).
+
+``--loop uvloop`` (default ``asyncio``) runs every process of the run on that event loop: this
+one, the raw responders and the mesh children (``MESH_LOOP``, mesh/_loop.py), so raw nats-py on
+uvloop is the reference for the mesh on uvloop. One run never mixes loops: compare ratios within
+a run, never across loops.
 The plugin :class:`EventCounter` below is loaded by ``python -m mesh run bench.bench:EventCounter``;
 :class:`TracedEcho` is the responder of ``bench/bench_tracing.py`` (the cost of tracing), which imports
 its building blocks from here.
@@ -56,6 +61,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 import mesh
+from mesh import _loop
 from plugin_sdk import CommunicationError, Message, Plugin, PluginMessaging, PluginRegistry, on_event
 from plugin_sdk._natsd import child_preexec
 
@@ -202,16 +208,21 @@ async def raw_counter(url: str, subject: str, control: str) -> None:
 
 
 class Children:
-    """The responder processes; :meth:`stop` terminates them (SIGTERM, then SIGKILL) and waits."""
+    """The responder processes; :meth:`stop` terminates them (SIGTERM, then SIGKILL) and waits.
 
-    def __init__(self, log_dir: Path, url: str) -> None:
+    Every child runs on ``loop`` (``MESH_LOOP`` for the mesh ones, ``--loop`` for the raw ones):
+    asyncio unless told, as the benchmarks that start them run on asyncio unless told."""
+
+    def __init__(self, log_dir: Path, url: str, *, loop: str = "asyncio") -> None:
         self.log_dir = log_dir
         self.url = url
+        self.loop = loop
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         self.env.setdefault("MESH_LOG_LEVEL", "INFO")
+        self.env[_loop.ENV] = loop  # explicit: unset, a mesh child would take uvloop whenever it is installed
 
     def spawn(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
         """Start ``python args...`` as ``name``; ``env`` adds to (or overrides) :attr:`env` for this child."""
@@ -230,7 +241,8 @@ class Children:
         self.spawn(name, ["-m", "mesh", "registry", "--nats", self.url, "--prefix", prefix])
 
     def raw(self, name: str, role: str, *extra: str) -> None:
-        self.spawn(name, [str(Path(__file__).resolve()), "--role", role, "--nats", self.url, *extra])
+        self.spawn(name, [str(Path(__file__).resolve()), "--role", role, "--nats", self.url, "--loop", self.loop,
+                          *extra])
 
     def check(self) -> None:
         """Raise if a child exited, with the tail of its log."""
@@ -657,7 +669,20 @@ def code_version() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def machine_info() -> dict[str, Any]:
+def loop_label(loop: str) -> str:
+    """``asyncio``, or ``uvloop <version>``."""
+    if loop != "uvloop":
+        return loop
+    return f"uvloop {importlib.metadata.version('uvloop')}"
+
+
+def run_on(loop: str, coro: Any) -> Any:
+    """Run ``coro`` on ``loop`` by the mesh's own rule (mesh/_loop.py), exactly as its children do."""
+    os.environ[_loop.ENV] = loop
+    return _loop.run(coro)
+
+
+def machine_info(loop: str = "asyncio") -> dict[str, Any]:
     try:
         server = subprocess.run([mesh.find_binary(), "--version"], capture_output=True, text=True,
                                 check=False, timeout=10).stdout.strip()
@@ -669,6 +694,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "nats-server": server.removeprefix("nats-server: "),
         "nats-py": importlib.metadata.version("nats-py"),
+        "loop": loop_label(loop),
         "platform": platform.platform(terse=True),
         "loadavg": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }
@@ -690,6 +716,7 @@ def to_json(table: list[Row], checks: list[Goal], b: Bench, machine: dict[str, A
 
     return {
         "machine": machine,
+        "loop": b.children.loop,
         "counts": asdict(b.counts),
         "elapsed_s": round(elapsed, 1),
         "results": [{**asdict(r), "ratio": r.ratio} for r in table],
@@ -717,6 +744,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("instances", "broadcast fan-out (processes per side)")):
         p.add_argument(f"--{name}", type=int, help=help_)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server and child logs)")
+    p.add_argument("--loop", choices=_loop.CHOICES, default="asyncio",
+                   help="event loop of every process of the run, raw and mesh alike (default asyncio)")
     # Internal: the raw responder processes.
     p.add_argument("--role", choices=["raw-echo", "raw-counter"], help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
@@ -748,24 +777,28 @@ def workspace(keep: bool) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        _loop.choose({_loop.ENV: args.loop}, _loop.have_uvloop())
+    except _loop.LoopError as exc:
+        raise SystemExit(f"--loop {args.loop}: {exc}") from None
     if args.role == "raw-echo":
-        asyncio.run(raw_echo(args.nats, args.subject))
+        run_on(args.loop, raw_echo(args.nats, args.subject))
         return 0
     if args.role == "raw-counter":
-        asyncio.run(raw_counter(args.nats, args.subject[0], args.control))
+        run_on(args.loop, raw_counter(args.nats, args.subject[0], args.control))
         return 0
     counts = counts_from(args)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
-    machine = machine_info()
+    machine = machine_info(args.loop)
     started = time.monotonic()
     with workspace(args.keep) as tmp:
         server = mesh.NatsServer(tmp / "nats")
-        children = Children(tmp / "logs", server.url)
+        children = Children(tmp / "logs", server.url, loop=args.loop)
         bench = Bench(counts, server.url, children)
         try:
             server.start()
-            asyncio.run(bench.run())
+            run_on(args.loop, bench.run())
         except Interrupted as exc:
             print(f"interrupted ({exc}); stopping the child processes and nats-server", file=sys.stderr)
             return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,7 @@ def agent(
                 await asyncio.to_thread(flush_traces)
         return 0
 
-    raise typer.Exit(_run(main()))
+    raise typer.Exit(_run(main(), announce=logging.INFO))
 
 
 async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:

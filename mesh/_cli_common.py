@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,6 +21,7 @@ from plugin_sdk import (
 )
 from plugin_sdk.host import NatsServerError, Retry, Subjects
 
+from . import _loop
 from ._connect import DEFAULT_URL, ENV, close, connect, default_prefix, default_url
 from ._run_main import failure_line, setup_logging
 
@@ -89,10 +90,13 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine, turning every expected failure into one clear line."""
+def _run(coro: Coroutine[Any, Any, T], *, announce: int = logging.DEBUG) -> T:
+    """Run a command's coroutine, turning every expected failure into one clear line.
+
+    Every command runs on the loop :mod:`mesh._loop` chooses (uvloop when installed; ``MESH_LOOP``),
+    logged at ``announce``: INFO for the long-running services (registry, agent), DEBUG elsewhere."""
     try:
-        return asyncio.run(coro)
+        return _loop.run(coro, announce=announce)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (PluginError, UserError, NatsServerError, ValueError, nats.errors.Error) as exc:

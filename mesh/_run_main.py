@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int | None:
 
     from plugin_sdk.host import Subjects, validate_name
 
+    from . import _loop
     from ._connect import default_prefix
     from ._host import run_plugin
 
@@ -119,9 +120,10 @@ def main(argv: list[str]) -> int | None:
         Subjects(prefix)
         if args.instance_id is not None:
             validate_name(args.instance_id, what="instance id")
-        return asyncio.run(run_plugin(args.ref, config_path=args.config, nats_url=args.nats, prefix=prefix,
-                                      heartbeat_interval=heartbeat, instance_id=args.instance_id,
-                                      ready=ready_event()))
+        # (the loop is logged at DEBUG: one INFO line per plugin host would be noise in an agent's log)
+        return _loop.run(run_plugin(args.ref, config_path=args.config, nats_url=args.nats, prefix=prefix,
+                                    heartbeat_interval=heartbeat, instance_id=args.instance_id,
+                                    ready=ready_event()))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from plugin_sdk import ConfigError, __version__
 from plugin_sdk.host import NatsCluster, NatsServer, Subjects, check_protocol, free_port
 
+from . import _loop
 from ._agent import Agent
 from ._auth import AuthStore
 from ._connect import ClientSecurity, close, connect, redact
@@ -330,6 +331,7 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
     """Blocking: run everything until SIGINT/SIGTERM, then stop it all, children first."""
     security = security or Security()
     topology = topology or Topology()
+    _loop.choose(os.environ, _loop.have_uvloop())  # a wrong MESH_LOOP is refused before anything starts
     if nats_url is not None and security.embedded_only:
         raise ValueError(f"{'/'.join(security.embedded_only)} secure the embedded nats-server, and --nats uses a "
                          "running one: give one or the other (for a server of your own: mesh --tls-ca CA up --nats)")
@@ -367,9 +369,9 @@ def run_up(*, nats_url: str | None, port: int, data_dir: Path, mesh_file: Path |
             # In a cluster this mesh up started, the other nodes may still be starting: the registry
             # waits (bounded) for the JetStream nodes its replicas need, then refuses saying so.
             wait = JOIN_TIMEOUT if (topology.cluster or topology.join) and (replicas or 1) > 1 else 0.0
-            return asyncio.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
-                                     data_dir=data_dir, say=say, secured=secured, replicas=replicas,
-                                     wait_for_nodes=wait))
+            return _loop.run(_main(nats_url, levels, prefix=prefix, heartbeat=heartbeat, base_dir=base_dir,
+                                   data_dir=data_dir, say=say, secured=secured, replicas=replicas,
+                                   wait_for_nodes=wait), announce=logging.INFO)
     finally:
         for server in reversed(servers):
             server.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -240,7 +241,7 @@ def registry(
                     await asyncio.to_thread(flush_traces)
         return 0
 
-    raise typer.Exit(_run(main()))
+    raise typer.Exit(_run(main(), announce=logging.INFO))
 
 
 # --------------------------------------------------------------------------------------------
