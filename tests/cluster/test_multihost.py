@@ -119,7 +119,11 @@ async def test_three_hosts_one_mesh(hosts: list[Host], tmp_path: Path, prefix: s
                                     stop_all: list[Machine]) -> None:
     stop_all += await _machines(hosts, tmp_path, prefix, secure=secure)
     env = _env(stop_all, prefix)
-    agents = await _ok("agents", "--json", env=env)
+    async def all_agents() -> list[Any] | None:  # (`mesh agents` gathers for 0.5 s: a loaded host may be late)
+        found: list[Any] = await _ok("agents", "--json", env=env)
+        return found if len(found) == 3 else None
+
+    agents = await eventually(all_agents, timeout=30, interval=0.5, what="all three agents in `mesh agents`")
     assert sorted(a["agent"] for a in agents) == ["host-0", "host-1", "host-2"]
     assert all(a["host"] for a in agents)
 
