@@ -98,7 +98,7 @@ def test_the_plugins_it_runs_exist(compose: dict[str, Any], monkeypatch: pytest.
 def test_dockerfile_installs_this_project_and_the_examples() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.1[1-9]", text, re.M)
-    assert re.search(r'^RUN pip install "\.\[grpc\]"', text, re.M)  # OTLP over gRPC works in the image too
+    assert re.search(r'^RUN pip install "\.\[grpc,uvloop\]"', text, re.M)  # gRPC OTLP and uvloop too
     for part in ("pyproject.toml", "plugin_sdk", "mesh", "examples"):
         assert re.search(rf"^COPY .*\b{re.escape(part)}\b", text, re.M), part
     assert 'ENTRYPOINT ["mesh"]' in text
