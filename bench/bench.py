@@ -754,13 +754,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def counts_from(args: argparse.Namespace) -> Counts:
-    counts = QUICK if args.quick else Counts()
+def counts_from(args: argparse.Namespace, default: Any = None, quick: Any = None) -> Any:
+    """The counts of a run: ``quick`` with --quick, else ``default`` (this bench's by default), each
+    field overridden by the option of the same name when given; every count at least 1."""
+    counts = (quick if quick is not None else QUICK) if args.quick else (default if default is not None else Counts())
     overrides = {k: getattr(args, k) for k in asdict(counts) if getattr(args, k, None) is not None}
     counts = replace(counts, **overrides)
     if min(asdict(counts).values()) < 1:
         raise SystemExit("every count must be at least 1")
     return counts
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU seconds of ``pid``, all threads (Linux ``/proc``; NaN elsewhere)."""
+    if pid is None:
+        return math.nan
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rotation(sides: list[str] | tuple[str, ...], round_no: int) -> list[str]:
+    """``sides`` rotated by ``round_no``, reversed in odd rounds: each side takes every position."""
+    k = round_no % len(sides)
+    rotated = [*sides[k:], *sides[:k]]
+    return rotated[::-1] if round_no % 2 else rotated
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +66,18 @@ from bench import (
     _on_signal,
     check_interrupted,
     concurrent,
+    cpu_seconds,
     fmt,
     machine_info,
     percentile,
     progress,
+    rotation,
     run_on,
     sequential,
     wait_for,
     workspace,
 )
+from bench import counts_from as bench_counts_from
 from mesh import _loop
 from plugin_sdk import PluginMessaging, PluginRegistry
 
@@ -141,22 +144,8 @@ class Side:
     inflight_done: int = 0
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """user + system CPU seconds of ``pid``, all threads (Linux ``/proc``; NaN elsewhere)."""
-    if pid is None:
-        return math.nan
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def order(round_no: int) -> list[str]:
-    """The sides rotated by ``round_no``, reversed in odd rounds: each side takes every position."""
-    k = round_no % len(SIDES)
-    sides = [*SIDES[k:], *SIDES[:k]]
-    return sides[::-1] if round_no % 2 else sides
+    return rotation(SIDES, round_no)
 
 
 RESPONDER = {"raw": "raw-echo", "mesh": "echo", "faststream": "fs-echo", "fs-raw": "fs-echo"}
@@ -399,11 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def counts_from(args: argparse.Namespace) -> Counts:
-    counts = QUICK if args.quick else Counts()
-    overrides = {k: getattr(args, k) for k in asdict(counts) if getattr(args, k, None) is not None}
-    counts = replace(counts, **overrides)
-    if min(asdict(counts).values()) < 1:
-        raise SystemExit("every count must be at least 1")
+    counts: Counts = bench_counts_from(args, Counts(), QUICK)
     return counts
 
 

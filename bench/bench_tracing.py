@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -73,14 +73,17 @@ from bench import (
     Op,
     _on_signal,
     concurrent,
+    cpu_seconds,
     fmt,
     machine_info,
     percentile,
     progress,
+    rotation,
     sequential,
     wait_for,
     workspace,
 )
+from bench import counts_from as bench_counts_from
 from plugin_sdk import CommunicationError, PluginMessaging, PluginRegistry, _tracing
 
 SELF = Path(__file__).resolve()
@@ -246,22 +249,8 @@ class Side:
     sends: int = 0  # requests made on this side (export: the client spans expected)
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """user + system CPU seconds of ``pid``, all threads (Linux ``/proc``; NaN elsewhere)."""
-    if pid is None:
-        return math.nan
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def order(round_no: int) -> list[str]:
-    """The sides rotated by ``round_no``, reversed in odd rounds: each side takes every position."""
-    k = round_no % len(SIDES)
-    sides = [*SIDES[k:], *SIDES[:k]]
-    return sides[::-1] if round_no % 2 else sides
+    return rotation(SIDES, round_no)
 
 
 @dataclass
@@ -534,10 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def counts_from(args: argparse.Namespace) -> Counts:
-    counts = QUICK if args.quick else Counts()
-    counts = replace(counts, **{k: getattr(args, k) for k in asdict(counts) if getattr(args, k, None) is not None})
-    if min(asdict(counts).values()) < 1:
-        raise SystemExit("every count must be at least 1")
+    counts: Counts = bench_counts_from(args, Counts(), QUICK)
     return counts
 
 
