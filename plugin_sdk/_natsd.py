@@ -365,9 +365,9 @@ class NatsCluster:
             raise
         return self
 
-    def wait_healthy(self, *, timeout: float = 30.0, nodes: list[NatsServer] | None = None) -> None:
+    def wait_healthy(self, *, timeout: float = 30.0) -> None:
         """Until each node says it is healthy (JetStream current); :class:`NatsServerError` after ``timeout``."""
-        self.wait_for(nodes or self.nodes, timeout=timeout)
+        self.wait_for(self.nodes, timeout=timeout)
 
     @staticmethod
     def wait_for(nodes: list[NatsServer], *, timeout: float = 30.0) -> None:

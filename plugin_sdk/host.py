@@ -27,7 +27,7 @@ from ._logs import BoundedLog
 from ._message import SERVING, new_id
 from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
 from ._runtime import check_protocol, new_instance_id
-from ._state import cluster_size, default_replicas, open_bucket, too_few_nodes
+from ._state import open_bucket, too_few_nodes
 from ._tasks import TaskOwner, every
 from ._wire import (
     H_ENVELOPE,
@@ -92,9 +92,7 @@ __all__ = [
     "check_size",
     "child_preexec",
     "close",
-    "cluster_size",
     "connect",
-    "default_replicas",
     "drain_all",
     "dumps",
     "envelope_tail",
