@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from plugin_sdk import (
 )
 from plugin_sdk.host import Subjects, redact
 
+from . import _loop
 from ._cli_common import (
     CLI_RETRY,
     AgentTimeout,
@@ -114,6 +114,7 @@ def agent(
                              cwd=base, unresponsive_after=unresponsive_after, trust_dir=trust_dir,
                              require_signatures=require_signatures or auth is not None, auth=auth,
                              replicas=replicas) as ag:
+                _loop.announce()
                 started = await start_in_order(ag, levels, base_dir=base, say=say)
                 say(f"{ag.name} ready")
                 await stop.wait()
@@ -124,7 +125,7 @@ def agent(
                 await asyncio.to_thread(flush_traces)
         return 0
 
-    raise typer.Exit(_run(main(), announce=logging.INFO))
+    raise typer.Exit(_run(main()))
 
 
 async def _agents(nc: Any, prefix: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:

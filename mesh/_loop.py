@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["ENV", "LoopError", "choose", "have_uvloop", "loop_name", "run"]
+__all__ = ["ENV", "LoopError", "announce", "choose", "have_uvloop", "loop_name", "run"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,18 @@ def choose(env: Mapping[str, str], have_uvloop: bool) -> str:
             raise LoopError(f"{ENV}=uvloop, but uvloop is not installed: {INSTALL} (or unset {ENV})")
         return "uvloop"
     raise LoopError(f"{ENV}={raw!r}: use one of {', '.join(CHOICES)} (unset: uvloop when installed, else asyncio)")
+
+
+def announce() -> None:
+    """Log at INFO which loop this process runs on (a long-running service, once it serves: so a
+    service that cannot start prints its one error line and nothing else)."""
+    name = loop_name()
+    version = ""
+    if name == "uvloop":
+        import uvloop
+
+        version = f" {getattr(uvloop, '__version__', '')}".rstrip()
+    log.info("event loop: %s%s", name, version)
 
 
 def loop_name() -> str:

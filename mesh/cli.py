@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +25,7 @@ from plugin_sdk import (
 )
 from plugin_sdk.host import NatsServerError, Subjects, check_event_type, open_bucket, validate_name
 
+from . import _loop
 from ._cli_common import (
     CLI_RETRY,
     CredsOpt,
@@ -233,6 +233,7 @@ def registry(
             try:
                 async with RegistryService(nc, prefix=_prefix(prefix), missed_beats=missed_beats,
                                            expire_after=expire_after, replicas=replicas) as service:
+                    _loop.announce()
                     if await wait_any(stop, service.failed) is service.failed:
                         return 1  # a loop of it died (logged with its traceback): a supervisor restarts it
             finally:
@@ -241,7 +242,7 @@ def registry(
                     await asyncio.to_thread(flush_traces)
         return 0
 
-    raise typer.Exit(_run(main(), announce=logging.INFO))
+    raise typer.Exit(_run(main()))
 
 
 # --------------------------------------------------------------------------------------------
