@@ -60,6 +60,7 @@ from plugin_sdk.host import (
     registry_instance_key,
     registry_versions_key,
     too_few_nodes,
+    transient,
     version_matches,
 )
 
@@ -70,6 +71,8 @@ __all__ = ["RegistryService"]
 log = logging.getLogger("mesh.registry")
 
 QUEUE = "registry"
+#: Seconds the registry's start retries opening its bucket while JetStream is busy or electing.
+OPEN_RETRY = 10.0
 #: The registry's envelope tail: its events come from source ``registry``.
 _TAIL = envelope_tail("registry", None)
 
@@ -122,12 +125,18 @@ class RegistryService:
     async def start(self, *, ready_timeout: float = 15.0) -> None:
         """Load the bucket into the cache, then serve. Raises InitializationError (and serves
         nothing) if the cache cannot be loaded within ``ready_timeout`` seconds."""
+        def passing(exc: BaseException) -> bool:
+            # JetStream busy or electing (a cluster just formed, a node just lost): always worth a
+            # wait; too few nodes only while a cluster this process belongs to is still starting.
+            cause = exc.__cause__ if isinstance(exc, StateError) and exc.__cause__ is not None else exc
+            return transient(cause) or (self.wait_for_nodes > 0 and too_few_nodes(exc))
+
         try:
-            self._kv = await Retry(within=self.wait_for_nodes, max_pause=0.5).run(
+            self._kv = await Retry(within=max(self.wait_for_nodes, OPEN_RETRY), max_pause=0.5).run(
                 lambda n: open_bucket(self.nc.jetstream(), self.subjects.registry_bucket, create=True,
                                       description="groundhog mesh registry", replicas=self.replicas,
                                       strict=self.replicas is not None),
-                what="the registry's bucket (waiting for JetStream nodes)", retry_on=too_few_nodes)
+                what="the registry's bucket", retry_on=passing)
         except StateError as exc:
             raise InitializationError(f"the registry cannot start: {exc}") from None
         self._store = DurableKV(self._kv, self._retry)

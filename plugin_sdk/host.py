@@ -22,7 +22,7 @@ from __future__ import annotations
 from . import _tracing as tracing
 from ._config import SEMVER_RE, check_range, load_config_text, validate_name, version_matches
 from ._connection import MeshClient, close, connect, parse_urls, redact
-from ._durable import DurableKV, Retry
+from ._durable import DurableKV, Retry, transient
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
 from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
@@ -125,6 +125,7 @@ __all__ = [
     "success_reply",
     "too_few_nodes",
     "tracing",
+    "transient",
     "validate_name",
     "version_matches",
 ]

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 
 from mesh import NatsCluster, NatsServer, RegistryService, close, connect
 from plugin_sdk import PluginError, PluginMessaging, PluginRegistry
+from plugin_sdk.host import DurableKV, Retry
 from tests.conftest import Mesh, eventually
 
 #: What each fault test counted, printed in the session's summary (CI output shows it without -s).
@@ -157,7 +158,9 @@ async def put_traffic(messaging: PluginMessaging, tally: Tally, stop: asyncio.Ev
 
 async def missing_writes(nc: NATS, bucket: str, acked: dict[str, Any]) -> list[str]:
     """The acknowledged keys whose value is not in ``bucket`` now (read straight from JetStream KV)."""
-    kv = await nc.jetstream().key_value(bucket)
+    # Read as a plugin would, through an election if one is still going on (a node just back).
+    retry = Retry(within=30)
+    kv = DurableKV(await retry.run(lambda n: nc.jetstream().key_value(bucket), what=f"open {bucket}"), retry)
     missing = []
     for key, value in acked.items():
         try:
