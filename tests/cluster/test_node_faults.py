@@ -152,4 +152,5 @@ async def test_a_plugin_given_one_url_fails_over_to_a_server_the_cluster_adverti
     moved = await eventually(elsewhere, timeout=60, what="the plugin answering through another node")
     assert moved in {n.port for n in cluster.nodes[1:]}
     assert keeper.proc.returncode is None
-    assert await messaging.send_message("keeper", {"key": "after", "value": 1}, operation="put")
+    # (its bucket may be electing a leader: the write waits for one, up to the plugin's retry_for)
+    assert await messaging.send_message("keeper", {"key": "after", "value": 1}, operation="put", timeout=40)

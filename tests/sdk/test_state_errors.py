@@ -22,6 +22,7 @@ from plugin_sdk import (
     StateUnavailable,
 )
 from plugin_sdk._state import StateStore, open_bucket
+from plugin_sdk.host import Retry
 
 #: A hang guard, far above the JetStream timeout (5 s); not a timing assertion.
 GUARD = 30.0
@@ -48,7 +49,7 @@ async def own_nc(own_server: NatsServer) -> AsyncIterator[NATS]:
 
 async def test_every_state_op_raises_a_typed_error_during_an_outage(own_server: NatsServer, own_nc: NATS) -> None:
     kv = await open_bucket(own_nc.jetstream(), "outage_state_demo", create=True)
-    store = StateStore(kv, plugin="demo")
+    store = StateStore(kv, plugin="demo", retry=Retry(within=2))  # (the outage lasts: no need to wait 20 s)
     await store.put("k", 1)
     own_server.stop()
 
