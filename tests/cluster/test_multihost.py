@@ -66,14 +66,16 @@ async def _start(host: Host, others: list[Host], data: Path, prefix: str, *extra
     return Up(proc)
 
 
-async def _machines(hosts: list[Host], tmp: Path, prefix: str, *, secure: bool) -> list[Machine]:
+async def _machines(hosts: list[Host], tmp: Path, prefix: str, *, secure: bool,
+                    into: list[Machine]) -> list[Machine]:
     """All three up (each waits for a majority of the cluster); under --secure, the first one's CA
     and auth store copied to the others before they start, as an operator would."""
     extra = ("--secure",) if secure else ()
     datas = [tmp / h.name / "data" for h in hosts]
     for d in datas:
         d.parent.mkdir(parents=True)
-    machines = [Machine(hosts[0], await _start(hosts[0], hosts[1:], datas[0], prefix, *extra), datas[0])]
+    machines = into  # each one as it starts: the fixture stops them even if a later one fails
+    machines.append(Machine(hosts[0], await _start(hosts[0], hosts[1:], datas[0], prefix, *extra), datas[0]))
     if secure:
         made = [datas[0] / "auth" / "admin.creds", datas[0] / "pki" / "ca-key.pem"]
         await eventually(lambda: _exist(made), timeout=30, what="the first host's CA and auth store")
@@ -117,7 +119,7 @@ async def _ok(*args: str, env: dict[str, str]) -> Any:
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
 async def test_three_hosts_one_mesh(hosts: list[Host], tmp_path: Path, prefix: str, secure: bool,
                                     stop_all: list[Machine]) -> None:
-    stop_all += await _machines(hosts, tmp_path, prefix, secure=secure)
+    await _machines(hosts, tmp_path, prefix, secure=secure, into=stop_all)
     env = _env(stop_all, prefix)
     async def all_agents() -> list[Any] | None:  # (`mesh agents` gathers for 0.5 s: a loaded host may be late)
         found: list[Any] = await _ok("agents", "--json", env=env)
@@ -182,7 +184,7 @@ def _route_speaks(host: Host, pki: Path, *, with_cert: bool) -> bytes:
 async def test_a_cut_link_marks_that_hosts_instances_unhealthy_and_loses_nothing(
         netns_hosts: list[Host], tmp_path: Path, prefix: str, stop_all: list[Machine], report: Any) -> None:
     hosts = netns_hosts
-    stop_all += await _machines(hosts, tmp_path, prefix, secure=False)
+    await _machines(hosts, tmp_path, prefix, secure=False, into=stop_all)
     env = _env(stop_all, prefix)
     for where in ("host-1", "host-2"):
         await _ok("load", "clusterplugins:Keeper", "--on", where, env=env)
