@@ -378,7 +378,7 @@ async def event_run(target: EventTarget, n: int) -> tuple[float, float, int]:
 
 
 async def wait_for(what: str, check: Callable[[], Awaitable[bool]], children: Children,
-                   timeout: float = 60.0) -> None:
+                   timeout: float = 60.0, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         check_interrupted()
@@ -386,7 +386,7 @@ async def wait_for(what: str, check: Callable[[], Awaitable[bool]], children: Ch
         with contextlib.suppress(CommunicationError, nats.errors.Error, TimeoutError):
             if await check():
                 return
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval)
     raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
 
 

@@ -70,6 +70,7 @@ from bench import (  # noqa: E402
     percentile,
     progress,
     sequential,
+    wait_for,
     workspace,
 )
 from plugin_sdk import CommunicationError, PluginInfo, PluginMessaging, PluginRegistry  # noqa: E402
@@ -172,19 +173,6 @@ def memory(pid: int) -> tuple[int, int]:
     return int(m.rss), int(m.uss)
 
 
-async def poll_until(what: str, check: Callable[[], Awaitable[bool]], children: Children, timeout: float,
-                     interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check_interrupted()
-        children.check()
-        with contextlib.suppress(CommunicationError, nats.errors.Error, TimeoutError):
-            if await check():
-                return
-        await asyncio.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
-
-
 async def raw_gather(nc: NATS, subject: str, n: int, timeout: float) -> int:
     """Publish one request on ``subject`` and count the replies until ``n`` came or ``timeout``."""
     inbox = nc.new_inbox()
@@ -237,7 +225,7 @@ class ScaleBench:
                 await registry.list_plugins(timeout=1.0)
                 return True
 
-            await poll_until(f"mesh registry on {prefix}", registry_serves, ch, 30)
+            await wait_for(f"mesh registry on {prefix}", registry_serves, ch, 30)
             progress(f"N={n}: launching {n} hosts")
             await self.startup(registry, r, hosts, prefix)
             progress(f"N={n}: all healthy after {r.startup_all_s:.1f}s; launching {n} raw responders")
@@ -315,7 +303,7 @@ class ScaleBench:
         async def all_answer() -> bool:
             return await raw_gather(raw_nc, subject, n, timeout=0.3) >= n
 
-        await poll_until(f"{n} raw responders", all_answer, ch, 60 + 1.0 * n, interval=0.05)
+        await wait_for(f"{n} raw responders", all_answer, ch, 60 + 1.0 * n, interval=0.05)
         r.raw_startup_s = time.monotonic() - started
 
     async def idle(self, r: SizeResult, hosts: list[str], reg_name: str) -> None:
@@ -426,9 +414,9 @@ async def cluster_bench(counts: Counts, cluster: NatsCluster, children: Children
             await m_across.send_message("echo", PAYLOAD, timeout=0.5)
             return True
 
-        await poll_until("the cluster's echo host", echo_healthy, ch, 60)
-        await poll_until("the cluster's raw echo", raw_answers, ch, 30)
-        await poll_until("the mesh echo from node 1", mesh_answers, ch, 30)
+        await wait_for("the cluster's echo host", echo_healthy, ch, 60)
+        await wait_for("the cluster's raw echo", raw_answers, ch, 30)
+        await wait_for("the mesh echo from node 1", mesh_answers, ch, 30)
 
         def raw_op(conn: NATS) -> Callable[[], Awaitable[object]]:
             async def op() -> object:
