@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import math
 import re
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,13 @@ from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE_CONNECTION
 
 from ._errors import ConnectionFailed, PermissionDenied
 from ._logs import BoundedLog
-from ._wire import flush_subscriptions
+from ._wire import bounded, flush_subscriptions, hpub_command, parse_header_lines
 
 __all__ = ["MeshClient", "close", "connect", "parse_urls", "redact"]
 
@@ -148,7 +152,17 @@ class MeshClient(Client):
         #: subject as nats-py reports it: lowercased (so ``$js.api…``).
         self.denied: Counter[tuple[str, str]] = Counter()
         self._enforced: bool | None = None
-        self._waiting: dict[str, set[asyncio.Future[str]]] = {}
+        #: Futures failed with PermissionDenied when the server reports a violation of their subject
+        #: (lowercased, as nats-py reports it), each with the subject as given.
+        self._waiting: dict[str, dict[asyncio.Future[Any], str]] = {}
+        #: Subscriptions served on the direct path (see :meth:`subscribe_direct`): sid → handler.
+        self._direct: dict[int, DirectHandler] = {}
+        # The reply inbox of every request (one wildcard subscription, like nats-py's), by token.
+        self._reply_prefix = ""
+        self._reply_prefix_len = 0
+        self._replies: dict[int, asyncio.Future[tuple[bytes, dict[str, str] | None]]] = {}
+        self._reply_seq = itertools.count(1)
+        self._direct_log = BoundedLog(log, burst=3, period=10.0)
         self._async_log = BoundedLog(log, burst=1, period=10.0)  # once per burst, then a count
         self._denied_log = BoundedLog(log, burst=5, period=10.0)
 
@@ -168,30 +182,155 @@ class MeshClient(Client):
                 self._enforced = False
         return self._enforced
 
-    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
-                      headers: dict[str, Any] | None = None) -> Any:
-        if not self.enforced:  # nothing to watch for: nats-py's own request, unchanged (the hot path)
-            return await super().request(subject, payload, timeout=timeout, old_style=old_style, headers=headers)
-        denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        key = subject.lower()  # nats-py reports the violated subject lowercased
-        self._waiting.setdefault(key, set()).add(denied)
-        reply: asyncio.Future[Any] = asyncio.ensure_future(super().request(
-            subject, payload, timeout=timeout, old_style=old_style, headers=headers))
+    # -- the direct path ---------------------------------------------------------------------
+    #
+    # nats-py hands every message to a subscription's own task through a queue, builds a ``Msg``
+    # for it, and gives every request a future, a random token (``os.urandom``), a done callback
+    # and an ``asyncio.wait_for``. On the mesh's own hot subscriptions (requests to a plugin, and
+    # the replies to our requests) that is most of the per-message cost that is not the socket's,
+    # and an event-loop iteration more per message on each end. So here:
+    #
+    # - :meth:`subscribe_direct`: the reader calls the handler as the message is parsed (no queue,
+    #   no ``Msg``, no task hop). The handler must not block: the runtime starts a task (eager on
+    #   3.12+) per request, bounded by its own ``max_concurrency``/``max_queued``.
+    # - :meth:`request_direct`: one wildcard inbox like nats-py's, a counter for the token, one
+    #   timer for the timeout, the future resolved by the reader.
+    # - :meth:`send_prebuilt`: a protocol line built by ``_wire.pub_command``, the bytes nats-py's
+    #   publish would have built (property-tested), appended to the same pending buffer.
+    #
+    # Everything else (reconnects, resubscribing, the flusher, drains) is nats-py's, unchanged.
+
+    async def subscribe_direct(self, subject: str, handler: DirectHandler, *, queue: str = "") -> Subscription:
+        """Subscribe with ``handler(subject, reply, data, headers)`` called by the reader for each message."""
+
+        async def fallback(msg: Msg) -> None:  # (only if a message slips past the direct path)
+            handler(msg.subject.encode(), (msg.reply or "").encode(), msg.data, msg.headers)
+
+        sub = await self.subscribe(subject, queue=queue, cb=fallback)
+        self._direct[sub._id] = handler
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        handler = self._direct.get(sid)
+        if handler is None or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        hdr = await self._process_headers(headers) if headers else None
         try:
-            await asyncio.wait([reply, denied], return_when=asyncio.FIRST_COMPLETED)
-            if not reply.done():
-                raise PermissionDenied(f"the NATS server refused to let this client publish to {subject!r} "
-                                       f"(its credentials do not allow it): {denied.result()}", subject=subject)
-            return reply.result()
+            handler(subject, reply, data, hdr)
+        except Exception as exc:  # a bug of ours must not stop the reader (nats-py would reconnect); logged
+            self._direct_log.error("direct handler for %s raised %s: %s", bounded(subject.decode("utf-8", "replace"),
+                                   200), type(exc).__name__, bounded(str(exc)), exc_info=True)
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        # nats-py's, without its generic line parser, for the usual block (no inline status)
+        if headers and headers[8:10] == b"\r\n" and headers.startswith(b"NATS/1.0"):
+            return (parse_header_lines(headers[10:]) or None) if len(headers) > 10 else None
+        try:
+            return await super()._process_headers(headers)
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            # nats-py's status-line parse fails on some bytes (``NATS/1.0 503`` + non-UTF-8), in its
+            # reader, which then stops for good: one message anyone can send would leave us deaf.
+            self._direct_log.warning("ignored the headers of a message nats-py cannot parse (%s: %s)",
+                                     type(exc).__name__, bounded(str(exc), 120))
+            return None
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._direct.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
+    async def _open_replies(self) -> None:
+        prefix = f"{self._inbox_prefix.decode()}.{self._nuid.next().decode()}."
+        self._reply_prefix, self._reply_prefix_len = prefix, len(prefix)
+        await self.subscribe_direct(prefix + "*", self._on_reply)
+
+    def _on_reply(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            token = int(subject[self._reply_prefix_len:], 16)
+        except ValueError:
+            return  # not one of our tokens (anyone may publish to an inbox they can name)
+        future = self._replies.pop(token, None)
+        if future is not None and not future.done():
+            future.set_result((data, headers))
+
+    async def request_direct(self, subject: str, block: bytes | None, body: bytes,
+                             timeout: float) -> tuple[bytes, dict[str, str] | None]:
+        """Publish ``body`` (with the header ``block`` of ``_wire.header_block``) to ``subject``, which the
+        caller has checked, and return the reply's body and headers. Raises what nats-py's request
+        does: ``NoRespondersError``, ``TimeoutError``, the connection's errors; and, for a subject
+        the server does not let this client publish to, :class:`PermissionDenied`."""
+        token, inbox, future = await self._reply_slot(subject)
+        timer = future.get_loop().call_later(timeout, _expire, future)
+        try:
+            if block is None:
+                cmd = f"PUB {subject} {inbox} {len(body)}\r\n".encode() + body + b"\r\n"
+            else:
+                cmd = hpub_command(subject, inbox, block, body)
+            await self.send_prebuilt(cmd, len(body))
+            data, headers = await future
         finally:
-            if not reply.done():
-                reply.cancel()
-                await asyncio.gather(reply, return_exceptions=True)
+            timer.cancel()
+            self._release(token, subject, future)
+        if headers and headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return data, headers
+
+    async def _reply_slot(self, subject: str) -> tuple[int, str, asyncio.Future[tuple[bytes, dict[str, str] | None]]]:
+        if not self._reply_prefix:
+            await self._open_replies()
+        token = next(self._reply_seq)
+        future: asyncio.Future[tuple[bytes, dict[str, str] | None]] = asyncio.get_running_loop().create_future()
+        self._replies[token] = future
+        if self.enforced:
+            self._waiting.setdefault(subject.lower(), {})[future] = subject
+        return token, f"{self._reply_prefix}{token:x}", future
+
+    def _release(self, token: int, subject: str, future: asyncio.Future[Any]) -> None:
+        self._replies.pop(token, None)
+        if self._enforced:
+            key = subject.lower()
             waiting = self._waiting.get(key)
             if waiting is not None:
-                waiting.discard(denied)
+                waiting.pop(future, None)
                 if not waiting:
                     del self._waiting[key]
+
+    async def send_prebuilt(self, cmd: bytes, payload_size: int) -> None:
+        """Queue a protocol line from ``_wire.pub_command`` as nats-py's ``publish`` would (same checks,
+        counters and flusher kick); the caller has checked the subject and the size."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not self.is_connected and (self._max_pending_size <= 0
+                                      or payload_size + self._pending_data_size > self._max_pending_size):
+            raise nats.errors.OutboundBufferLimitError
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(cmd)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
+                      headers: dict[str, Any] | None = None) -> Any:
+        """nats-py's request (a ``Msg``), on the direct reply path; under permissions a violation of
+        ``subject`` fails it at once with :class:`PermissionDenied` rather than letting it time out."""
+        if old_style:
+            return await super().request(subject, payload, timeout=timeout, old_style=True, headers=headers)
+        token, inbox, future = await self._reply_slot(subject)
+        timer = future.get_loop().call_later(timeout, _expire, future)
+        try:
+            await self.publish(subject, payload, reply=inbox, headers=headers)  # (nats-py's checks, for any caller)
+            data, hdr = await future
+        finally:
+            timer.cancel()
+            self._release(token, subject, future)
+        if hdr and hdr.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return self.msg_class(subject=inbox, reply="", data=data, headers=hdr, _client=self, _sid=0)
 
     async def confirm_subscriptions(self, subjects: list[str]) -> None:
         """Raise :class:`PermissionDenied` if the server refused a subscription to one of ``subjects``
@@ -223,9 +362,11 @@ class MeshClient(Client):
         self.denied[(operation, subject)] += 1
         if self.denied[(operation, subject)] == 1:  # once per subject (and bounded in rate)
             self._denied_log.warning("permission denied by the NATS server: %s to %s", operation, subject)
-        for waiter in self._waiting.get(subject, ()):
+        for waiter, given in list(self._waiting.get(subject, {}).items()):
             if not waiter.done():
-                waiter.set_result(text)
+                waiter.set_exception(PermissionDenied(
+                    f"the NATS server refused to let this client publish to {given!r} (its credentials do not "
+                    f"allow it): {text}", subject=given))
         return True
 
     def note_async_error(self, exc: Exception) -> None:
@@ -259,6 +400,15 @@ class MeshClient(Client):
         log.error("NATS server closed the connection: %s; reconnecting", text)
         await self._error_cb(error)
         await self._process_op_err(error)
+
+
+#: ``handler(subject, reply, data, headers)`` of a direct subscription, called by the reader: must not block.
+DirectHandler = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
 
 
 def _publishes_everything(creds: Path) -> bool:

@@ -53,3 +53,7 @@ class BoundedLog:
     def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
         if self._log.isEnabledFor(logging.WARNING) and self._admit():
             self._log.warning(msg, *args, **kwargs)
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if self._log.isEnabledFor(logging.ERROR) and self._admit():
+            self._log.error(msg, *args, **kwargs)

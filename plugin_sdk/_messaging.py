@@ -6,23 +6,35 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 import nats.errors
+import pydantic_core
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import _tracing
 from ._config import Permissions, check_range
-from ._errors import CommunicationError, InvalidMessage, PermissionDenied, PluginNotFound
+from ._errors import (
+    CommunicationError,
+    ConnectionFailed,
+    InvalidMessage,
+    PayloadTooLarge,
+    PermissionDenied,
+    PluginNotFound,
+)
 from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
+    H_ENVELOPE,
+    H_METADATA,
     MESH_EVENTS,
+    PROTOCOL_VERSION,
     Subjects,
     bounded,
     check_event_type,
@@ -36,7 +48,9 @@ from ._wire import (
     publish,
     request,
     request_headers,
+    response_from,
     response_from_msg,
+    typed_request_error,
 )
 
 __all__ = ["EventSubscription", "PluginMessaging", "subject_matches"]
@@ -45,6 +59,17 @@ log = logging.getLogger("plugin_sdk.messaging")
 
 #: How long a version-ranged send trusts the registry's list of matching instances.
 RANGE_CACHE_SECONDS = 1.0
+
+#: A send's target: ``name`` or ``name.instance`` (no whitespace, no wildcard: the server would refuse
+#: to route a publish to ``mesh.plugin.*``, and whitespace would break the protocol line).
+_TARGET_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)?$")
+
+
+def check_target(target: str) -> str:
+    if not isinstance(target, str) or not _TARGET_RE.match(target):
+        raise InvalidMessage(f"invalid target {bounded(repr(target), 120)}: a plugin name or name.instance, "
+                             "without whitespace or wildcards")
+    return target
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -194,7 +219,7 @@ class PluginMessaging:
         self._nc = nc
         self.subjects = Subjects(prefix)
         self._source = check_token(source, what="source name")
-        self._instance = source_instance
+        self._instance = check_token(source_instance, what="source instance") if source_instance else None
         self._perms = permissions
         self._registry = registry or PluginRegistry(nc, prefix=prefix)
         # Look-ups while sending (which versions run, how many should answer a broadcast) are
@@ -209,6 +234,11 @@ class PluginMessaging:
         self._own_inboxes: set[str] = set()
         # (name, range) → (expires, instance ids, round-robin counter) for version-ranged sends.
         self._ranges: dict[tuple[str, str], tuple[float, list[str], Iterator[int]]] = {}
+        # The direct path (a MeshClient): targets already checked and allowed → their subjects.
+        self._request_direct = getattr(nc, "request_direct", None)
+        self._send_prebuilt = getattr(nc, "send_prebuilt", None)
+        self._targets: dict[str, str] = {}
+        self._env_head = f"NATS/1.0\r\n{H_ENVELOPE}: {PROTOCOL_VERSION};id="
 
     def _message(self, target: str, message_or_payload: Any, kind: MessageKind | None,
                  operation: str | None, metadata: dict[str, str] | None) -> Message:
@@ -251,6 +281,11 @@ class PluginMessaging:
         Raises :class:`PluginNotFound`, :class:`RequestTimeout`, :class:`PayloadTooLarge`, or — with
         ``raise_on_error`` (the default) — the remote handler's typed error.
         """
+        if self._request_direct is not None and not version and not isinstance(message_or_payload, Message) \
+                and not _tracing.enabled():
+            return await self._send_direct(target, message_or_payload, timeout, operation, kind, metadata,
+                                           raise_on_error)
+        check_target(target)
         self._allow("send", self._perms.send if self._perms else None, target.split(".", 1)[0])
         if version:
             target = await self._instance_in_range(target, version)
@@ -278,6 +313,56 @@ class PluginMessaging:
         if raise_on_error and response.error is not None:
             raise response.error.to_exception(subject=subject)
         return response
+
+    async def _send_direct(self, target: str, payload: Any, timeout: float | None, operation: str | None,
+                           kind: MessageKind | None, metadata: dict[str, str] | None,
+                           raise_on_error: bool) -> Response:
+        """:meth:`send_message` on the direct path: the same envelope, body, errors and Response as
+        ``_send`` (property-tested), without a Message, a nats-py ``Msg`` or its request machinery."""
+        subject = self._targets.get(target)
+        if subject is None:
+            check_target(target)
+            self._allow("send", self._perms.send if self._perms else None, target.split(".", 1)[0])
+            subject = self.subjects.target(target)
+            if len(self._targets) > 4096:
+                self._targets.clear()
+            self._targets[target] = subject
+        message_id = new_id()
+        t = timeout if timeout is not None else self._timeout
+        block = self._request_block(message_id, kind, operation, t, metadata)
+        body = self._encode_payload(payload, subject, target)
+        if (size := len(block) + len(body)) > self._nc.max_payload:
+            raise PayloadTooLarge(f"request of {size} bytes (headers and body) exceeds the server's limit of "
+                                  f"{self._nc.max_payload} bytes", plugin=target, subject=subject)
+        try:
+            data, headers = await self._request_direct(subject, block, body, t)  # type: ignore[misc]
+        except nats.errors.Error as exc:
+            raise typed_request_error(exc, subject=subject, plugin=target, timeout=t, size=len(body)) from None
+        response = response_from(data, headers, message_id=message_id)
+        if raise_on_error and response.error is not None:
+            raise response.error.to_exception(subject=subject)
+        return response
+
+    def _request_block(self, message_id: str, kind: MessageKind | None, operation: str | None, timeout: float,
+                       metadata: dict[str, str] | None) -> bytes:
+        """The header block of a request: ``header_block(request_headers(message, timeout=…))`` of the
+        message ``_message`` would build (property-tested), from its fields."""
+        env = f"{message_id}{self._env_tail}"
+        if kind is not None and kind is not MessageKind.COMMAND:
+            env += f";kind={MessageKind(kind).value}"
+        if operation is not None:
+            env += f";op={check_token(operation, what='operation name')}"
+        env += f";t={timeout:g}"
+        if metadata and (valid := Message(metadata=metadata).metadata):
+            return f"{self._env_head}{env}\r\n{H_METADATA}: {pydantic_core.to_json(valid).decode()}\r\n\r\n".encode()
+        return f"{self._env_head}{env}\r\n\r\n".encode()
+
+    def _event_block(self, message_id: str, metadata: dict[str, str] | None) -> bytes:
+        """The header block of an event: ``header_block(event_headers(tail, metadata))`` (property-tested)."""
+        if metadata and (valid := Message(metadata=metadata).metadata):
+            meta = pydantic_core.to_json(valid).decode()
+            return f"{self._env_head}{message_id}{self._env_tail}\r\n{H_METADATA}: {meta}\r\n\r\n".encode()
+        return f"{self._env_head}{message_id}{self._env_tail}\r\n\r\n".encode()
 
     async def _instance_in_range(self, name: str, version: str) -> str:
         """``name.instance`` of a healthy instance whose version is in ``version`` (cached 1 s)."""
@@ -379,11 +464,30 @@ class PluginMessaging:
                 self._event_subjects.clear()
             self._event_subjects[event_type] = subject
         body = self._encode_payload(payload, subject, None)
+        if self._send_prebuilt is not None and not _tracing.enabled():
+            await self._publish_direct(subject, event_type, body, metadata)
+            return
         # The kind is implied by the subject; build the envelope without a Message (hot path).
         headers = event_headers(self._env_tail, Message(metadata=metadata).metadata if metadata else None)
         with _tracing.produce(subject, operation="publish") as carrier:
             headers.update(carrier)
             await publish(self._nc, subject, body, headers=headers, what=f"event {event_type!r}")
+
+    async def _publish_direct(self, subject: str, event_type: str, body: bytes,
+                              metadata: dict[str, str] | None) -> None:
+        """:meth:`publish_event` on the direct path: the same bytes on the wire as ``_wire.publish`` with
+        ``event_headers`` (property-tested), without nats-py re-checking our subject and header names."""
+        block = self._event_block(new_id(), metadata)
+        n = len(block)
+        if (size := n + len(body)) > self._nc.max_payload:
+            raise PayloadTooLarge(f"event {event_type!r} of {size} bytes (headers and body) exceeds the server's "
+                                  f"limit of {self._nc.max_payload} bytes", subject=subject)
+        try:
+            await self._send_prebuilt(  # type: ignore[misc]
+                f"HPUB {subject}  {n} {size}\r\n".encode() + block + body + b"\r\n", len(body))
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                nats.errors.OutboundBufferLimitError) as exc:
+            raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", subject=subject) from None
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ValueError for a malformed pattern, PermissionDenied for a forbidden one."""

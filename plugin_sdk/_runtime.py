@@ -65,6 +65,7 @@ from ._wire import (
     error_reply,
     flush_subscriptions,
     health_event,
+    message_from,
     message_from_msg,
     parse_envelope,
     send_reply,
@@ -132,6 +133,7 @@ class PluginRuntime:
         self._tasks = TaskOwner(f"plugin {self.instance_id}", self.log, on_failure=self._loop_died)
         self._refresher: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
+        self._lanes: list[_EventLane] = []  # @on_event subscriptions on the direct path
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
         self._queue: deque[_Job] = deque()  # requests waiting for a handler slot, oldest first
         self._stopping_queue = False  # stop() is answering what is left: start nothing more
@@ -368,6 +370,7 @@ class PluginRuntime:
             self.log.warning("subscriptions did not drain within %.1fs; unsubscribed", drain_timeout)
         self._subs.clear()
         await self._finish_requests(drain_timeout)
+        await self._finish_events(drain_timeout)
         await self._tasks.close()  # the deadline watchdog, last: deadlines hold while draining
         self._watchdog = None
         await self.messaging.close()
@@ -407,25 +410,52 @@ class PluginRuntime:
         if self._inflight:
             await asyncio.wait(set(self._inflight))
 
+    async def _finish_events(self, timeout: float) -> None:
+        """Let the events already received run through their handlers within ``timeout``; then cancel."""
+        running = [lane.task for lane in self._lanes if lane.task is not None and not lane.task.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                left = sum(len(lane.queue) for lane in self._lanes)
+                self.log.warning("event handlers did not finish within %.1fs; cancelled (%d queued events not "
+                                 "handled)", timeout, left)
+                await asyncio.wait(late)
+        self._lanes.clear()
+
     # -- serving ---------------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
         s, name = self.subjects, self.config.name
-        # One endpoint (NATS micro's word) per subscription that answers: counted separately.
-        for ep_name, subject, queue, cb in (
-                ("plugin", s.plugin(name), name, self._on_request),
-                ("instance", s.instance(name, self.instance_id), None, self._on_request),
-                ("broadcast", s.broadcast, None, self._on_broadcast),
-                ("broadcast_to", s.broadcast_to(name), None, self._on_broadcast)):
+        # One endpoint (NATS micro's word) per subscription that answers: counted separately. On a
+        # MeshClient they are served on the direct path (the reader dispatches: no queue, no Msg).
+        direct = getattr(self.nc, "subscribe_direct", None)
+        for ep_name, subject, queue, broadcast in (
+                ("plugin", s.plugin(name), name, False),
+                ("instance", s.instance(name, self.instance_id), None, False),
+                ("broadcast", s.broadcast, None, True),
+                ("broadcast_to", s.broadcast_to(name), None, True)):
             ep = self.stats.endpoint(ep_name, subject, queue)
-            self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=functools.partial(cb, ep)))
+            if direct is not None:
+                self._subs.append(await direct(subject, functools.partial(self._on_direct, ep, broadcast),
+                                               queue=queue or ""))
+            else:
+                cb = self._on_broadcast if broadcast else self._on_request
+                self._subs.append(await self.nc.subscribe(subject, queue=queue or "", cb=functools.partial(cb, ep)))
         self._subs.append(await self.nc.subscribe(s.control(self.instance_id, "*"), cb=self._on_control))
         await self._watch_dependencies()
         for attr, pattern in self.plugin._event_handlers.items():
             self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
             ep = self.stats.endpoint(f"event_{attr}", s.event(pattern))
-            self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler, ep)))
+            if direct is not None:
+                lane = _EventLane(self, handler, ep, s.event(pattern))
+                self._lanes.append(lane)
+                lane.sub = await direct(s.event(pattern), lane.on_direct)
+                self._subs.append(lane.sub)
+            else:
+                self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler, ep)))
         # NATS micro (ADR-32) discovery: $SRV.PING/INFO/STATS, last so INFO lists every endpoint.
         self._subs += await subscribe_micro(self)
         await flush_subscriptions(self.nc)  # the server has every subscription before we call ourselves serving
@@ -434,14 +464,23 @@ class PluginRuntime:
             await confirm([sub.subject for sub in self._subs])
 
     async def _on_request(self, ep: EndpointStats, msg: Msg) -> None:
-        self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=False)
+        self._dispatch(msg.subject, msg.reply, msg.data, msg.headers, ep, broadcast=False)
 
     async def _on_broadcast(self, ep: EndpointStats, msg: Msg) -> None:
         if self.messaging.is_own_broadcast(msg.reply):
             return  # our own broadcast, known by the reply inbox we own (not by a field anyone can set)
-        self._dispatch(msg, parse_envelope(msg.headers), ep, broadcast=True)
+        self._dispatch(msg.subject, msg.reply, msg.data, msg.headers, ep, broadcast=True)
 
-    def _dispatch(self, msg: Msg, env: dict[str, str], ep: EndpointStats, *, broadcast: bool) -> None:
+    def _on_direct(self, ep: EndpointStats, broadcast: bool, subject: bytes, reply: bytes, data: bytes,
+                   headers: dict[str, str] | None) -> None:
+        """A request from the reader (the direct path: ``MeshClient.subscribe_direct``)."""
+        reply_to = reply.decode()
+        if broadcast and self.messaging.is_own_broadcast(reply_to):
+            return
+        self._dispatch(subject.decode(), reply_to, data, headers, ep, broadcast=broadcast)
+
+    def _dispatch(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None, ep: EndpointStats, *,
+                  broadcast: bool) -> None:
         """Start the request now if a handler slot is free, else queue it (bounded).
 
         nats-py runs one subscription's callbacks one at a time, so this never waits: each request
@@ -449,8 +488,9 @@ class PluginRuntime:
         ``max_concurrency`` busy handlers is the caller's time too, and a request whose deadline
         passed in the queue is answered RequestTimeout without running (``expired`` in the metrics).
         """
+        env = parse_envelope(headers)
         timeout = min(_timeout(env.get(E_TIMEOUT), self.config.handler_timeout), self.config.handler_timeout)
-        job = _Job(msg, env, ep, broadcast, timeout, self._loop.time() + timeout)
+        job = _Job(subject, reply, data, headers, env, ep, broadcast, timeout, self._loop.time() + timeout)
         if len(self._inflight) < self.config.max_concurrency and not self._queue:
             self._start(job)
         elif len(self._queue) < self.config.max_queued:
@@ -505,7 +545,7 @@ class PluginRuntime:
             message_id = message.id
             body, reply_headers, failure = self._reply_to(await self._run(job, message), message_id, job.broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
-            self._log_failure(exc, job.msg)
+            self._log_failure(exc, job.subject)
             info = ErrorInfo.from_exception(exc, plugin=self.config.name)
             failure = bounded(f"{info.type}: {info.message}")
             body, reply_headers = error_reply(info, message_id=message_id, instance=self.instance_id)
@@ -513,12 +553,12 @@ class PluginRuntime:
         self.stats.record(job.ep, kind, elapsed, failure)
         if self._instruments is not None:
             self._instruments.record(kind, elapsed)
-        if job.msg.reply:
+        if job.reply:
             try:
-                await send_reply(self.nc, job.msg.reply, body, reply_headers, message_id=message_id,
+                await send_reply(self.nc, job.reply, body, reply_headers, message_id=message_id,
                                  instance=self.instance_id, plugin=self.config.name)
             except nats.errors.Error as exc:
-                self._bad_input.warning("could not reply on %s: %s", job.msg.subject, exc)
+                self._bad_input.warning("could not reply on %s: %s", bounded(job.subject, 200), exc)
 
     def _admit(self, job: _Job, refuse: PluginError | None) -> Message:
         """The request as a :class:`Message`, or the typed error that answers it without running it."""
@@ -533,18 +573,17 @@ class PluginRuntime:
         if proto.split(".")[0] != PROTOCOL_VERSION:
             raise ProtocolMismatch(f"{self.config.name} speaks mesh protocol {PROTOCOL_VERSION}, "
                                    f"the message uses {bounded(proto, 40)}", plugin=self.config.name)
-        if len(job.msg.data) > self.config.max_payload:
-            raise PayloadTooLarge(f"message of {len(job.msg.data)} bytes exceeds {self.config.name}'s "
+        if len(job.data) > self.config.max_payload:
+            raise PayloadTooLarge(f"message of {len(job.data)} bytes exceeds {self.config.name}'s "
                                   f"max_payload of {self.config.max_payload}", plugin=self.config.name)
-        return message_from_msg(job.msg, target=self.config.name, env=job.env)
+        return message_from(job.data, job.headers, target=self.config.name, env=job.env)
 
     async def _run(self, job: _Job, message: Message) -> Any:
         """The plugin's handler, under a CONSUMER span when tracing is on."""
         if not _tracing.enabled():  # (the span's attributes are not worth building otherwise: the hot path)
             return await self._invoke(message, job.timeout)
-        msg = job.msg
-        group = self.config.name if msg.subject == self.subjects.plugin(self.config.name) else None
-        with _tracing.consume(msg.subject, msg.headers, link=job.broadcast, attributes={
+        group = self.config.name if job.subject == self.subjects.plugin(self.config.name) else None
+        with _tracing.consume(job.subject, job.headers, link=job.broadcast, attributes={
                 "messaging.consumer.group.name": group, "messaging.message.id": message.id,
                 "mesh.operation": message.operation}):
             return await self._invoke(message, job.timeout)
@@ -582,12 +621,12 @@ class PluginRuntime:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.config.name} returned a value that is not JSON-serialisable: {exc}") from None
 
-    def _log_failure(self, exc: BaseException, msg: Msg) -> None:
+    def _log_failure(self, exc: BaseException, subject: str) -> None:
         # Bounded: the text may echo what a caller sent (any NATS client can send anything).
         if isinstance(exc, PluginError):
-            self._bad_input.info("%s on %s: %s", type(exc).__name__, bounded(msg.subject, 200), bounded(str(exc)))
+            self._bad_input.info("%s on %s: %s", type(exc).__name__, bounded(subject, 200), bounded(str(exc)))
         else:
-            self._bad_input.warning("handler raised %s on %s: %s", type(exc).__name__, bounded(msg.subject, 200),
+            self._bad_input.warning("handler raised %s on %s: %s", type(exc).__name__, bounded(subject, 200),
                                     bounded(str(exc)), exc_info=self.log.isEnabledFor(logging.DEBUG))
 
     async def _on_control(self, msg: Msg) -> None:
@@ -615,18 +654,25 @@ class PluginRuntime:
     def _event_callback(self, handler: Callable[[Message], Awaitable[Any]],
                         ep: EndpointStats) -> Callable[[Msg], Awaitable[None]]:
         async def on_event(msg: Msg) -> None:
-            started = time.perf_counter()
-            try:
-                event = message_from_msg(msg, target=self.subjects.event_type(msg.subject), kind=MessageKind.EVENT)
-                with _tracing.consume(msg.subject, msg.headers, link=True,
-                                      attributes={"messaging.message.id": event.id}):  # (a no-op when off)
-                    await handler(event)
-                self.stats.record(ep, "event", time.perf_counter() - started, None)
-            except Exception as exc:  # one bad event must not stop the subscription: handled by policy
-                self.stats.record(ep, "event", time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
-                await self.handle_plugin_error(exc, where=f"event handler {handler.__name__} on {msg.subject}")
+            await self._on_event(handler, ep, msg.subject, msg.data, msg.headers)
 
         return on_event
+
+    async def _on_event(self, handler: Callable[[Message], Awaitable[Any]], ep: EndpointStats, subject: str,
+                        data: bytes, headers: dict[str, str] | None) -> None:
+        """One event to one ``@on_event`` handler: counted, traced when tracing is on, failures by policy."""
+        started = time.perf_counter()
+        try:
+            event = message_from(data, headers, target=self.subjects.event_type(subject), kind=MessageKind.EVENT)
+            if _tracing.enabled():
+                with _tracing.consume(subject, headers, link=True, attributes={"messaging.message.id": event.id}):
+                    await handler(event)
+            else:
+                await handler(event)
+            self.stats.record(ep, "event", time.perf_counter() - started, None)
+        except Exception as exc:  # one bad event must not stop the subscription: handled by policy
+            self.stats.record(ep, "event", time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+            await self.handle_plugin_error(exc, where=f"event handler {handler.__name__} on {bounded(subject, 200)}")
 
     async def check_health(self) -> HealthCheck:
         """Run the plugin's health check (bounded in time) and take its verdict, while serving."""
@@ -740,11 +786,66 @@ _EAGER: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio
     asyncio, "eager_task_factory", None)
 
 
+class _EventLane:
+    """One ``@on_event`` subscription on the direct path: its events, handled one at a time and in
+    order (as nats-py runs a subscription's callbacks), in a task that lives while there are any.
+
+    The first event of a burst starts the task (eagerly on 3.12+: a handler that never waits
+    runs in place); the rest queue behind it. Bounded like a nats-py subscription's pending queue:
+    past it events are dropped and counted as a slow consumer's (``dropped`` in the metrics).
+    """
+
+    __slots__ = ("ep", "handler", "pending_bytes", "queue", "runtime", "sub", "subject", "task")
+
+    def __init__(self, runtime: PluginRuntime, handler: Callable[[Message], Awaitable[Any]], ep: EndpointStats,
+                 subject: str) -> None:
+        self.runtime, self.handler, self.ep, self.subject = runtime, handler, ep, subject
+        self.queue: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
+        self.pending_bytes = 0
+        self.task: asyncio.Task[None] | None = None
+        self.sub: Subscription | None = None
+
+    def on_direct(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        if self.task is None:
+            task = _start_task(self._run(subject.decode(), data, headers), self.runtime._loop)
+            if not task.done():
+                self.task = task
+            return
+        sub = self.sub  # (its limits: nats-py's for a subscription, settable as on any)
+        msgs_limit, bytes_limit = (sub._pending_msgs_limit, sub._pending_bytes_limit) if sub is not None else (0, 0)
+        if (0 < msgs_limit <= len(self.queue)) or (0 < bytes_limit <= self.pending_bytes + len(data)):
+            self._drop(subject, reply)
+            return
+        self.queue.append((subject.decode(), data, headers))
+        self.pending_bytes += len(data)
+
+    async def _run(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        runtime, handler, ep, queue = self.runtime, self.handler, self.ep, self.queue
+        try:
+            await runtime._on_event(handler, ep, subject, data, headers)
+            while queue:
+                subject, data, headers = queue.popleft()
+                self.pending_bytes -= len(data)
+                await runtime._on_event(handler, ep, subject, data, headers)
+        finally:
+            self.task = None
+
+    def _drop(self, subject: bytes, reply: bytes) -> None:
+        # Reported as nats-py reports a slow consumer: MeshClient counts it by subscription and logs per burst.
+        note = getattr(self.runtime.nc, "note_async_error", None)
+        if note is not None and self.sub is not None:
+            note(nats.errors.SlowConsumerError(subject=subject.decode(), reply=reply.decode(), sid=self.sub._id,
+                                               sub=self.sub))
+
+
 @dataclass(slots=True)
 class _Job:
     """One request on its way through the runtime: received, maybe queued, then handled."""
 
-    msg: Msg
+    subject: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
     env: dict[str, str]
     ep: EndpointStats
     broadcast: bool

@@ -298,31 +298,35 @@ def message_from_msg(msg: Msg, *, target: str, env: dict[str, str] | None = None
     A message without our envelope (``nats req mesh.plugin.echo '{...}'``) is accepted: it becomes
     a command from source ``""`` with a fresh id. A body that is not JSON raises InvalidMessage.
     """
-    h = msg.headers
+    return message_from(msg.data, msg.headers, target=target, env=env, kind=kind)
+
+
+def message_from(data: bytes, headers: dict[str, str] | None, *, target: str, env: dict[str, str] | None = None,
+                 kind: MessageKind | None = None) -> Message:
+    """:func:`message_from_msg` from a message's body and headers (the direct path has no ``Msg``)."""
     if env is None:
-        env = parse_envelope(h)
+        env = parse_envelope(headers)
     metadata: dict[str, str] = {}
-    raw_meta = h.get(H_METADATA) if h else None
+    raw_meta = headers.get(H_METADATA) if headers else None
     if raw_meta:
         meta = loads(raw_meta.encode(), what=f"{H_METADATA} header")
         if not isinstance(meta, dict):
             raise InvalidMessage(f"{H_METADATA} header must be a JSON object")
         metadata = {str(k): str(v) for k, v in meta.items()}
-    kind_raw = env.get(E_KIND)
-    if kind is not None:  # the subject says (events)
-        pass
-    elif kind_raw is None:
-        kind = MessageKind.COMMAND
-    else:
-        try:
-            kind = MessageKind(kind_raw)
-        except ValueError:
-            raise InvalidMessage(f"unknown message kind {kind_raw!r} in the {H_ENVELOPE} header") from None
+    if kind is None:  # (events: the subject says)
+        kind_raw = env.get(E_KIND)
+        if kind_raw is None:
+            kind = MessageKind.COMMAND
+        else:
+            try:
+                kind = MessageKind(kind_raw)
+            except ValueError:
+                raise InvalidMessage(f"unknown message kind {kind_raw!r} in the {H_ENVELOPE} header") from None
     return fast_model(Message, {
         "id": env.get(E_ID) or new_id(),
         "source": env.get(E_SOURCE, ""),
         "target": target,
-        "payload": loads(msg.data),
+        "payload": loads(data) if data else None,
         "metadata": metadata,
         "kind": kind,
         "operation": env.get(E_OPERATION),
@@ -414,7 +418,13 @@ async def send_reply(nc: NATS, reply: str, body: bytes, headers: dict[str, str] 
                          message=f"{plugin or 'the'} reply of {size} bytes (headers and body) exceeds the "
                                  f"server's limit of {nc.max_payload} bytes")
         body, headers = error_reply(info, message_id=message_id, instance=instance)
-    await nc.publish(reply, body, headers=headers)
+    prebuilt = getattr(nc, "send_prebuilt", None)
+    if prebuilt is None:
+        await nc.publish(reply, body, headers=headers)
+    elif headers is None:  # (the server gave us ``reply``: one token, no whitespace; checked for size above)
+        await prebuilt(f"PUB {reply}  {len(body)}\r\n".encode() + body + b"\r\n", len(body))
+    else:
+        await prebuilt(hpub_command(reply, "", header_block(headers), body), len(body))
 
 
 def is_no_responders(msg: Msg) -> bool:
@@ -424,13 +434,21 @@ def is_no_responders(msg: Msg) -> bool:
 
 def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
     """Turn a reply into a :class:`Response` (an error reply sets ``.error``)."""
-    h = msg.headers or {}
+    return response_from(msg.data, msg.headers, message_id=message_id)
+
+
+def response_from(data: bytes, headers: dict[str, str] | None, *, message_id: str = "") -> Response:
+    """:func:`response_from_msg` from a reply's body and headers (the direct path has no ``Msg``)."""
+    if not headers:  # a direct success reply: the body only (the hot path)
+        return fast_model(Response, {"message_id": message_id, "result": loads(data, what="reply"), "error": None,
+                                     "source": None})
+    h = headers
     env = parse_envelope(h)
     source = env.get(E_INSTANCE)
     if H_ERROR in h or H_ERROR_CODE in h:
         info: ErrorInfo | None = None
         try:
-            body = loads(msg.data)
+            body = loads(data)
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
                 info = ErrorInfo.model_validate(body["error"])
         except (PluginError, ValueError):
@@ -441,7 +459,7 @@ def response_from_msg(msg: Msg, *, message_id: str = "") -> Response:
                              code=int(code) if code.isdigit() else 500)
         return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": None, "error": info,
                                      "source": source})
-    return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": loads(msg.data, what="reply"),
+    return fast_model(Response, {"message_id": env.get(E_ID, message_id), "result": loads(data, what="reply"),
                                  "error": None, "source": source})
 
 
@@ -454,19 +472,84 @@ async def request(nc: NATS, subject: str, body: bytes, *, headers: dict[str, str
     check_size(nc, subject, body, headers, plugin=plugin, what="request")
     try:
         return await nc.request(subject, body, timeout=timeout, headers=headers)
-    except nats.errors.NoRespondersError:
-        raise PluginNotFound(f"no plugin instance serves {plugin or subject!r} (no responders on {subject})",
-                             plugin=plugin, subject=subject) from None
-    except nats.errors.TimeoutError:
-        raise RequestTimeout(f"no reply from {plugin or subject!r} within {timeout:g}s ({subject})",
-                             plugin=plugin, subject=subject) from None
-    except nats.errors.MaxPayloadError:
-        raise PayloadTooLarge(f"payload of {len(body)} bytes exceeds the server's limit", plugin=plugin,
-                              subject=subject) from None
-    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-            nats.errors.ConnectionReconnectingError) as exc:
-        raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", plugin=plugin,
-                               subject=subject) from None
+    except nats.errors.Error as exc:
+        raise typed_request_error(exc, subject=subject, plugin=plugin, timeout=timeout, size=len(body)) from None
+
+
+def typed_request_error(exc: nats.errors.Error, *, subject: str, plugin: str | None, timeout: float,
+                        size: int) -> BaseException:
+    """The mesh's typed error for nats-py's ``exc`` from a request (``exc`` itself if it has none)."""
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return PluginNotFound(f"no plugin instance serves {plugin or subject!r} (no responders on {subject})",
+                              plugin=plugin, subject=subject)
+    if isinstance(exc, nats.errors.TimeoutError):
+        return RequestTimeout(f"no reply from {plugin or subject!r} within {timeout:g}s ({subject})",
+                              plugin=plugin, subject=subject)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLarge(f"payload of {size} bytes exceeds the server's limit", plugin=plugin, subject=subject)
+    if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.ConnectionDrainingError
+                  | nats.errors.ConnectionReconnectingError | nats.errors.OutboundBufferLimitError):
+        return ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", plugin=plugin, subject=subject)
+    return exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The direct path: protocol lines built by hand, exactly as nats-py builds them (a property test
+# holds the two equal: tests/sdk/test_fast_paths.py). nats-py's publish validates every subject
+# and header name again on every message; here the subjects are ours (checked once, cached) or
+# the reply subject the server gave us, and the header names are constants.
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_GOOD_NAMES: set[str] = {H_ENVELOPE, H_METADATA, H_ERROR, H_ERROR_CODE, H_ERROR_TYPE, "traceparent", "tracestate"}
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """The header block nats-py's publish makes of ``headers``: ``NATS/1.0``, a ``K: V`` line each, an
+    empty line (names stripped, empty ones skipped, values stripped with CR/LF made spaces; a bad
+    name is BadHeaderError)."""
+    parts = ["NATS/1.0\r\n"]
+    for k, v in headers.items():
+        key = k.strip()
+        if not key:
+            continue
+        if key not in _GOOD_NAMES and not _HEADER_NAME.fullmatch(key):
+            raise nats.errors.BadHeaderError(key)
+        parts.append(f"{key}: {v.strip().translate(_NEWLINES)}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode()
+
+
+def pub_command(subject: str, reply: str, body: bytes, headers: Mapping[str, str] | None) -> bytes:
+    """The ``PUB``/``HPUB`` protocol line nats-py's ``publish(subject, body, reply=, headers=)`` writes."""
+    if headers is None:
+        return f"PUB {subject} {reply} {len(body)}\r\n".encode() + body + b"\r\n"
+    return hpub_command(subject, reply, header_block(headers), body)
+
+
+def hpub_command(subject: str, reply: str, block: bytes, body: bytes) -> bytes:
+    n = len(block)
+    return f"HPUB {subject} {reply} {n} {n + len(body)}\r\n".encode() + block + body + b"\r\n"
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """nats-py's ``Client._parse_header_lines`` (2.16), without its per-character generator: the
+    same dict for every input (property-tested against it)."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if key and key.split() != [key]:  # (whitespace in the name, as str.isspace sees it: not a header)
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
 
 
 async def flush_subscriptions(nc: NATS) -> None:

@@ -178,3 +178,23 @@ async def test_envelope_breaking_operation_names_are_refused(touchy: Any, messag
         with pytest.raises(InvalidMessage, match="invalid operation name"):
             await messaging.send_message("touchy", operation=bad)
     await still_serving(messaging)
+
+
+async def test_a_status_header_nats_py_cannot_parse_does_not_leave_the_plugin_deaf(
+        nats_server: Any, prefix: str, touchy: Any, messaging: PluginMessaging) -> None:
+    # nats-py parses an inline status (``NATS/1.0 503 …``) with a strict UTF-8 decode, inside its
+    # reader; the error ended the reader for good, and the plugin heard nothing more. Any client
+    # can send such a header block, so here one does, byte for byte, from a socket of its own.
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        block = b"NATS/1.0 503 \x80\xff\r\nX: y\r\n\r\n"
+        writer.write(b'CONNECT {"verbose":false,"headers":true}\r\n'
+                     + f"HPUB {prefix}.plugin.touchy {len(block)} {len(block)}\r\n".encode() + block + b"\r\n"
+                     + b"PING\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"PONG")
+    finally:
+        writer.close()
+    await still_serving(messaging)

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -81,3 +81,71 @@ def test_metadata_that_is_not_an_object_is_a_typed_error(value: Any) -> None:
               headers={H_ENVELOPE: "1;id=a", H_METADATA: json.dumps(value)})
     with pytest.raises(InvalidMessage, match="must be a JSON object"):
         message_from_msg(msg, target="x")
+
+
+# -- the direct path (MeshClient): the same bytes, headers, replies and errors as nats-py's ------------
+
+header_names = st.text(st.characters(codec="ascii"), min_size=0, max_size=8) | st.sampled_from(
+    ["Mesh", "Mesh-Metadata", "traceparent", "Nats-Msg-Id", " Mesh ", "a b", "\x1cKey", "K\t"])
+header_lines = st.lists(st.tuples(header_names, st.sampled_from([b":", b": ", b"", b" : "]),
+                                  st.binary(max_size=12)), max_size=4).map(
+    lambda lines: b"\r\n".join(n.encode() + sep + v for n, sep, v in lines))
+
+
+@settings(max_examples=500, deadline=None)
+@given(header_lines | st.binary(max_size=40))
+def test_the_header_parser_gives_nats_pys_dict(raw: bytes) -> None:
+    from plugin_sdk._wire import parse_header_lines
+
+    assert parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header_lines | st.binary(max_size=40), st.sampled_from([b"", b" 503", b" 100 Idle Heartbeat", b" 404 No"]),
+       st.sampled_from([b"\r\n", b"\r\n\r\n", b""]))
+async def test_the_header_block_parses_as_nats_py_parses_it(raw: bytes, status: bytes, end: bytes) -> None:
+    from plugin_sdk._connection import MeshClient
+
+    nc = MeshClient()  # (parsing needs no connection)
+    block = b"NATS/1.0" + status + b"\r\n" + raw + end
+    try:
+        expected = await Client._process_headers(nc, block)
+    except (UnicodeDecodeError, ValueError, IndexError):
+        expected = None  # (nats-py fails, and its reader stops: ours reads the message as one without headers)
+    assert await nc._process_headers(block) == expected
+
+
+subjects = st.from_regex(r"[A-Za-z0-9_.$>*-]{1,30}", fullmatch=True)
+header_dicts = st.none() | st.dictionaries(
+    st.sampled_from(["Mesh", "Mesh-Metadata", "traceparent", "Nats-Service-Error", "X-Other", " Padded "]),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20), max_size=4)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(subjects, st.sampled_from(["", "_INBOX.abc.1f"]), st.binary(max_size=64), header_dicts)
+async def test_the_protocol_line_is_the_one_nats_py_writes(nc: Client, subject: str, reply: str, body: bytes,
+                                                          headers: dict[str, str] | None) -> None:
+    # (the connection is only where nats-py's publish puts the line: each example takes it back out)
+    from plugin_sdk._wire import pub_command
+
+    await Client.publish(nc, subject, body, reply=reply, headers=headers)
+    written = nc._pending.pop()  # (nothing awaited since: nats-py's flusher has not taken it yet)
+    nc._pending_data_size -= len(written)
+    assert pub_command(subject, reply, body, headers) == written
+
+
+@settings(max_examples=300, deadline=None)
+@given(names, operations, metadata, st.none() | kinds, st.floats(0.001, 3600), st.text(max_size=12))
+def test_the_direct_envelope_is_the_message_envelope(target: str, operation: str | None, meta: dict[str, str],
+                                                     kind: MessageKind | None, timeout: float, mid: str) -> None:
+    from plugin_sdk._wire import event_headers, header_block
+
+    mid = "".join(c for c in mid if c.isalnum()) or "x"
+    m = _messaging()
+    message = m._message(target, None, kind, operation, meta)
+    message.id = mid
+    assert m._request_block(mid, kind, operation, timeout, meta) == header_block(
+        request_headers(message, timeout=timeout))
+    expected = event_headers(m._env_tail, Message(metadata=meta).metadata if meta else None)
+    expected["Mesh"] = f"1;id={mid}" + m._env_tail
+    assert m._event_block(mid, meta) == header_block(expected)

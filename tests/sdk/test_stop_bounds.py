@@ -40,7 +40,9 @@ async def test_stop_with_a_stuck_event_handler_unsubscribes_after_the_drain_time
     with caplog.at_level(logging.WARNING):
         ok = await asyncio.wait_for(runtime.stop(drain_timeout=0.3), 20)  # (a hang guard, not a timing check)
     assert ok  # stop() and cleanup() themselves did not raise
-    assert "subscriptions did not drain within 0.3s; unsubscribed" in caplog.text
+    # (on a MeshClient events run on the direct path, where the handler, not the subscription, is what waits)
+    assert ("subscriptions did not drain within 0.3s; unsubscribed" in caplog.text
+            or "event handlers did not finish within 0.3s; cancelled" in caplog.text)
     assert runtime._subs == [] and len(runtime._tasks) == 0
 
     async def cancelled() -> bool:  # the stuck handler must not outlive stop(): it held the connection's close 30 s
