@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""groundhog mesh benchmark: mesh messaging against raw nats-py, in one run on one nats-server.
+"""groundhog mesh benchmark: mesh messaging against raw nats-py, in one run on the same nats-server(s).
 
 Run from the repository root::
 
@@ -38,6 +38,24 @@ path" (:func:`goals`).
 one, the raw responders and the mesh children (``MESH_LOOP``, mesh/_loop.py), so raw nats-py on
 uvloop is the reference for the mesh on uvloop. One run never mixes loops: compare ratios within
 a run, never across loops.
+
+``--secure`` runs nats-server as ``mesh up --secure`` does (:class:`Net`): TLS with a CA of the run's
+own (mesh/_pki.py) and operator-mode auth (JWT accounts, mesh/_auth.py). Every process connects as
+it would under ``mesh up --secure``: the client (this process, mesh side) and the registry as the
+admin, over TLS; each mesh plugin host with an identity minted for its instance (its plugin's
+permissions, its own inbox prefix) and its state bucket made by the admin, as the agent does. The
+raw side is as secure, so that it stays a fair reference: its client connects over TLS as the
+admin too, and each raw responder with an identity of its own, minted with exactly the subjects it
+subscribes to and answering through the response permission, as the plugin hosts do. Credentials
+and the CA reach the children in their environment, never on their command line.
+
+``--cluster N`` (N >= 3) starts an N-node cluster (``NatsCluster``, as ``mesh up --cluster N``)
+with the mesh's JetStream replicas for a cluster (3). The client (both sides) and the registry are
+on node 0; the responders, raw and mesh alike, round-robin over nodes 1..N-1 (``echo-i`` and
+``raw-echo-i`` on node ``1 + i mod (N-1)``, both event counters on node 1), so every request and
+event crosses a route. The nats-server CPU is the sum over every node. ``--secure --cluster N``
+together: the routes use TLS as well (a route certificate of the same CA, verified both ways).
+
 The plugin :class:`EventCounter` below is loaded by ``python -m mesh run bench.bench:EventCounter``;
 :class:`TracedEcho` is the responder of ``bench/bench_tracing.py`` (the cost of tracing), which imports
 its building blocks from here.
@@ -56,6 +74,7 @@ import platform
 import secrets
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -64,7 +83,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
@@ -73,8 +92,20 @@ from nats.aio.msg import Msg
 
 import mesh
 from mesh import _loop
-from plugin_sdk import CommunicationError, Message, Plugin, PluginMessaging, PluginRegistry, on_event
+from plugin_sdk import (
+    CommunicationError,
+    Message,
+    Plugin,
+    PluginError,
+    PluginMessaging,
+    PluginRegistry,
+    on_event,
+)
 from plugin_sdk._natsd import child_preexec
+
+if TYPE_CHECKING:
+    from mesh._auth import AuthStore
+    from mesh._connect import ClientSecurity
 
 REPO = Path(__file__).resolve().parent.parent
 PAYLOAD: dict[str, Any] = {"text": "hello", "n": 1}
@@ -176,9 +207,31 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+#: Under --secure, a raw responder's credentials and the CA (file paths), in its environment.
+RAW_CREDS_ENV = "BENCH_RAW_CREDS"
+RAW_TLS_CA_ENV = "BENCH_RAW_TLS_CA"
+
+
+def raw_options(creds: str | Path | None, tls_ca: str | Path | None) -> dict[str, Any]:
+    """nats-py's own options for credentials and TLS (as the mesh's connect builds them: a default
+    context verifying the server against ``tls_ca``); nothing when neither is given."""
+    opts: dict[str, Any] = {}
+    if tls_ca:
+        opts["tls"] = ssl.create_default_context(cafile=str(tls_ca))
+    if creds:
+        opts["user_credentials"] = str(creds)
+    return opts
+
+
+async def raw_connect(url: str, name: str) -> NATS:
+    """A raw responder's connection: plain nats-py, with the credentials and CA of its environment."""
+    return await nats.connect(url, name=name, **raw_options(os.environ.get(RAW_CREDS_ENV),
+                                                            os.environ.get(RAW_TLS_CA_ENV)))
+
+
 async def raw_echo(url: str, subjects: list[str]) -> None:
     """Reply to every message on ``subjects`` with the same bytes, from the callback."""
-    nc = await nats.connect(url, name="bench raw-echo")
+    nc = await raw_connect(url, "bench raw-echo")
 
     async def on_msg(msg: Msg) -> None:
         await nc.publish(msg.reply, msg.data)
@@ -192,7 +245,7 @@ async def raw_echo(url: str, subjects: list[str]) -> None:
 
 async def raw_counter(url: str, subject: str, control: str) -> None:
     """Count messages on ``subject``; a request on ``control`` returns the counts (``reset`` zeroes them)."""
-    nc = await nats.connect(url, name="bench raw-counter")
+    nc = await raw_connect(url, "bench raw-counter")
     counts: dict[str, float] = {"count": 0, "first": 0.0, "last": 0.0}
 
     async def on_event(msg: Msg) -> None:
@@ -245,15 +298,19 @@ class Children:
                                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True, preexec_fn=child_preexec)
 
-    def mesh_run(self, name: str, ref: str, prefix: str, env: Mapping[str, str] | None = None) -> None:
-        self.spawn(name, ["-m", "mesh", "run", ref, "--nats", self.url, "--prefix", prefix], env)
+    def mesh_run(self, name: str, ref: str, prefix: str, env: Mapping[str, str] | None = None, *,
+                 url: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        """``python -m mesh run ref`` connected to ``url`` (default :attr:`url`)."""
+        self.spawn(name, ["-m", "mesh", "run", ref, "--nats", url or self.url, "--prefix", prefix, *extra], env)
 
-    def mesh_registry(self, name: str, prefix: str) -> None:
-        self.spawn(name, ["-m", "mesh", "registry", "--nats", self.url, "--prefix", prefix])
+    def mesh_registry(self, name: str, prefix: str, env: Mapping[str, str] | None = None, *,
+                      url: str | None = None) -> None:
+        self.spawn(name, ["-m", "mesh", "registry", "--nats", url or self.url, "--prefix", prefix], env)
 
-    def raw(self, name: str, role: str, *extra: str) -> None:
-        self.spawn(name, [str(Path(__file__).resolve()), "--role", role, "--nats", self.url, "--loop", self.loop,
-                          *extra])
+    def raw(self, name: str, role: str, *extra: str, url: str | None = None,
+            env: Mapping[str, str] | None = None) -> None:
+        self.spawn(name, [str(Path(__file__).resolve()), "--role", role, "--nats", url or self.url, "--loop",
+                          self.loop, *extra], env)
 
     def check(self) -> None:
         """Raise if a child exited, with the tail of its log."""
@@ -285,6 +342,190 @@ class Children:
 
 
 # ---------------------------------------------------------------------------------------------
+# The NATS side: one node or a cluster, plain or --secure
+
+
+def plugin_class(ref: str) -> type[Plugin]:
+    """The plugin class ``module:Class`` names (those of this file without importing it again)."""
+    module, _, attr = ref.partition(":")
+    if module == "bench.bench":  # this file, run as __main__ (or imported as ``bench``)
+        cls: type[Plugin] = globals()[attr]
+        return cls
+    from mesh._host import load_plugin_class
+
+    if str(REPO) not in sys.path:  # as `mesh run` (cwd = REPO) finds examples.*
+        sys.path.insert(0, str(REPO))
+    return load_plugin_class(ref)
+
+
+class Net:
+    """The nats-server(s) of a run, and how each process of it connects, as ``mesh up`` would run them.
+
+    ``cluster``: 0 for one node, else that many nodes routed into one cluster (``NatsCluster``, as
+    ``mesh up --cluster N``; JetStream replicas: the mesh's default for it, :attr:`replicas`).
+    ``secure``: as ``mesh up --secure``: TLS with a CA of this run's own (mesh/_pki.py, under
+    ``directory/pki``) and operator-mode auth (mesh/_auth.py, under ``directory/auth``); in a
+    cluster, the routes over TLS too (a route certificate of the same CA, verified both ways).
+
+    Placement: the client (both sides) and the registry on node 0; responder slot ``i`` (``echo-i``
+    and ``raw-echo-i``; the event counters are slot 0) on node ``1 + i mod (N-1)``.
+    """
+
+    def __init__(self, directory: Path, *, secure: bool = False, cluster: int = 0) -> None:
+        self.secure = secure
+        self.cluster = cluster
+        self.auth: AuthStore | None = None
+        self.ca: Path | None = None
+        self.replicas = 1
+        options: dict[str, Any] = {}
+        if cluster:
+            from mesh._up import Topology
+
+            self.replicas = Topology(cluster=cluster).wanted_replicas  # refuses fewer than 3 nodes
+        if secure:
+            from mesh._auth import AuthStore
+            from mesh._pki import Pki
+
+            pki = Pki(directory / "pki")
+            self.ca = pki.ca()
+            cert = pki.server()
+            self.auth = AuthStore(directory / "auth")
+            options = {"config": self.auth.server_config(), "tls": (cert.cert, cert.key, self.ca)}
+            if cluster:
+                route = pki.route()
+                options["route_tls"] = (route.cert, route.key, self.ca)
+        self._cluster = mesh.NatsCluster(directory / "nats", size=cluster, **options) if cluster else None
+        self._server = None if cluster else mesh.NatsServer(directory / "nats", **options)
+
+    @property
+    def nodes(self) -> list[mesh.NatsServer]:
+        # (read each time: a cluster that found a port taken at start chose new ones)
+        if self._cluster is not None:
+            return self._cluster.nodes
+        assert self._server is not None
+        return [self._server]
+
+    def start(self) -> None:
+        if self._cluster is not None:
+            self._cluster.start()
+        else:
+            assert self._server is not None
+            self._server.start()
+
+    def stop(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+        elif self._server is not None:
+            self._server.stop()
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Every node's nats-server pid (their CPU is summed)."""
+        return [n.pid for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Node 0's: the client's (both sides) and the registry's."""
+        return self.nodes[0].url
+
+    def node_of(self, slot: int) -> int:
+        """The node of responder slot ``slot``: 0 on one node, else round-robin over nodes 1..N-1."""
+        n = len(self.nodes)
+        return 0 if n == 1 else 1 + slot % (n - 1)
+
+    def responder_url(self, slot: int) -> str:
+        return self.nodes[self.node_of(slot)].url
+
+    def child_env(self) -> dict[str, str]:
+        """For every child: in a cluster, ``MESH_REPLICAS`` (what `mesh up --cluster` gives the registry and
+        the agent's plugin hosts; the raw responders ignore it)."""
+        return {"MESH_REPLICAS": str(self.replicas)} if self.cluster else {}
+
+    def client_security(self) -> ClientSecurity | None:
+        """The mesh client's: under --secure the admin over TLS, as the CLI (None: the environment's)."""
+        if self.auth is None:
+            return None
+        from mesh._connect import ClientSecurity
+
+        return ClientSecurity(creds=self.auth.admin.creds, tls_ca=self.ca)
+
+    def raw_client_options(self) -> dict[str, Any]:
+        """The raw client's nats-py options: under --secure the same admin credentials and CA."""
+        return raw_options(self.auth.admin.creds, self.ca) if self.auth is not None else {}
+
+    def admin_env(self) -> dict[str, str]:
+        """The registry's: under --secure the admin's credentials and the CA (as `mesh up` runs it)."""
+        if self.auth is None:
+            return {}
+        return {"MESH_CREDS": str(self.auth.admin.creds), "MESH_TLS_CA": str(self.ca)}
+
+    def plugin_env(self, ref: str, prefix: str) -> tuple[tuple[str, ...], dict[str, str]]:
+        """``mesh run`` arguments and environment of a new instance of ``ref``: under --secure, as the
+        agent starts one (mesh/_agent.py): its instance id, and an identity minted for it with its
+        plugin's permissions (``plugin_permissions``), its own inbox prefix, the CA."""
+        if self.auth is None:
+            return (), {}
+        from mesh._auth import Permissions
+        from mesh._host import resolve_config
+        from plugin_sdk.host import Subjects, new_instance_id, plugin_permissions
+
+        config = resolve_config(plugin_class(ref), None)
+        instance_id = new_instance_id(config.name)
+        perms = plugin_permissions(Subjects(prefix), name=config.name, instance_id=instance_id,
+                                   send=config.permissions.send, publish=config.permissions.publish,
+                                   subscribe=config.permissions.subscribe,
+                                   dependencies=[d.name for d in config.dependencies])
+        identity = self.auth.mint(instance_id, Permissions(pub_allow=perms.publish, sub_allow=perms.subscribe,
+                                                           pub_deny=perms.publish_deny))
+        return ("--instance-id", instance_id), {"MESH_CREDS": str(identity.creds), "MESH_TLS_CA": str(self.ca),
+                                                "MESH_INBOX_PREFIX": perms.inbox_prefix}
+
+    async def plugin_buckets(self, nc: NATS, prefix: str, refs: list[str]) -> None:
+        """Under --secure, the admin (``nc``) makes each plugin's state bucket, as the agent does (a plugin
+        identity may use its bucket, not create it); otherwise each host makes its own."""
+        if self.auth is None:
+            return
+        from mesh._host import resolve_config
+        from plugin_sdk.host import Subjects, open_bucket
+
+        for name in dict.fromkeys(resolve_config(plugin_class(ref), None).name for ref in refs):
+            await open_bucket(nc.jetstream(), Subjects(prefix).state_bucket(name), create=True,
+                              description=f"state of plugin {name}", replicas=self.replicas if self.cluster else None)
+
+    def raw_env(self, name: str, subscribe: list[str], publish: str) -> dict[str, str]:
+        """A raw responder's environment: under --secure, an identity of its own that may subscribe to
+        exactly ``subscribe`` and publish to ``publish`` (its replies go through the response
+        permission, as a plugin host's do), and the CA."""
+        if self.auth is None:
+            return {}
+        from mesh._auth import Permissions
+
+        identity = self.auth.mint(name, Permissions(pub_allow=(publish,), sub_allow=tuple(subscribe)))
+        return {RAW_CREDS_ENV: str(identity.creds), RAW_TLS_CA_ENV: str(self.ca)}
+
+    def describe(self) -> list[str]:
+        """The header lines: security, and nodes with placement."""
+        sec = ("secure: TLS + operator auth (mesh up --secure: CA of the run, JWT accounts; client and registry "
+               "as the admin, each mesh host and raw responder with an identity of its own)" if self.secure
+               else "secure: no (plain: no TLS, no auth)")
+        if not self.cluster:
+            return [sec, "nats: one node (client, registry and responders on it)"]
+        n = len(self.nodes)
+        spread = "node 1" if n == 2 else f"nodes 1..{n - 1} (echo-i and raw-echo-i on node 1 + i mod {n - 1})"
+        routes = "; routes over TLS" if self.secure else ""
+        return [sec, f"cluster: {n} nodes, JetStream replicas {self.replicas}{routes}; client (both sides) and "
+                     f"registry on node 0, responders round-robin on {spread}, event counters on node 1"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"secure": self.secure, "cluster": self.cluster, "nodes": len(self.nodes), "replicas": self.replicas,
+                "auth": "TLS + operator auth" if self.secure else None,
+                "placement": {"client": 0, "registry": 0,
+                              "responders": "round-robin over nodes 1..N-1: slot i on node 1 + i mod (N-1) "
+                                            "(echo-i / raw-echo-i: slot i; event counters: slot 0)"
+                              if self.cluster else 0}}
+
+
+# ---------------------------------------------------------------------------------------------
 # Measuring
 
 
@@ -308,6 +549,8 @@ CPU_ROLES = ("client", "responder", "registry", "nats-server")
 RESPONDER = {"raw": "raw-echo-0", "mesh": "echo-0"}  # Children names
 REGISTRY = "registry"
 MESH_HOST = "echo-0"  # the plugin host whose idle RSS is read
+ECHO_REF = "examples.echo:Echo"
+COUNTER_REF = "bench.bench:EventCounter"
 
 
 @dataclass
@@ -417,28 +660,38 @@ def alternate(round_no: int) -> tuple[str, str]:
 @dataclass
 class Bench:
     counts: Counts
-    url: str
+    net: Net
     children: Children
     prefix: str = field(default_factory=lambda: f"bench{secrets.token_hex(3)}")
     raw_prefix: str = field(default_factory=lambda: f"rawbench{secrets.token_hex(3)}")
     sides: dict[str, Side] = field(default_factory=lambda: {"raw": Side(), "mesh": Side()})
     registry_lookup: list[float] = field(default_factory=list)
-    server_pid: int | None = None  # nats-server's, for its CPU (set once it is started)
     host_rss: float = math.nan  # bytes: the mesh echo host, idle (registered healthy, before any traffic)
 
-    def cpu_pids(self, side: str) -> dict[str, int | None]:
-        """The processes of ``side`` other than this one (the client), by role; the raw side has no registry."""
+    def cpu_pids(self, side: str) -> dict[str, list[int | None]]:
+        """The processes of ``side`` other than this one (the client), by role: the raw side has no
+        registry; nats-server is every node of the run."""
         procs = self.children.procs
-        return {"responder": procs[RESPONDER[side]].pid,
-                "registry": procs[REGISTRY].pid if side == "mesh" else None,
-                "nats-server": self.server_pid}
+        return {"responder": [procs[RESPONDER[side]].pid],
+                "registry": [procs[REGISTRY].pid] if side == "mesh" else [],
+                "nats-server": self.net.pids}
 
     def cpu(self, side: str) -> dict[str, float]:
-        """CPU seconds so far of every process of ``side`` (the raw side's registry: 0)."""
+        """CPU seconds so far of every process of ``side``, summed per role (the raw side's registry: 0)."""
         out = {"client": time.process_time()}
-        for role, pid in self.cpu_pids(side).items():
-            out[role] = 0.0 if pid is None and role == "registry" else cpu_seconds(pid)
+        for role, pids in self.cpu_pids(side).items():
+            out[role] = sum(cpu_seconds(pid) for pid in pids)
         return out
+
+    def mesh_host(self, name: str, ref: str, slot: int) -> None:
+        """``mesh run ref`` on responder slot ``slot``'s node; under --secure as its agent would start it."""
+        extra, env = self.net.plugin_env(ref, self.prefix)
+        self.children.mesh_run(name, ref, self.prefix, env, url=self.net.responder_url(slot), extra=extra)
+
+    def raw_host(self, name: str, role: str, slot: int, subscribe: list[str], *args: str) -> None:
+        """A raw responder on slot ``slot``'s node; under --secure with an identity for ``subscribe``."""
+        env = self.net.raw_env(name, subscribe, f"{self.raw_prefix}.>")
+        self.children.raw(name, role, *args, url=self.net.responder_url(slot), env=env)
 
     async def run(self) -> None:
         c, ch = self.counts, self.children
@@ -447,15 +700,21 @@ class Bench:
         raw_event_subject = f"{self.raw_prefix}.event.{EVENT_TYPE}"
         raw_control = f"{self.raw_prefix}.control"
 
-        ch.mesh_registry("registry", self.prefix)
-        ch.mesh_run("echo-0", "examples.echo:Echo", self.prefix)
-        ch.mesh_run("events", f"bench.bench:{EventCounter.__name__}", self.prefix)
-        ch.raw("raw-echo-0", "raw-echo", "--subject", raw_echo_subject, "--subject", raw_bcast_subject)
-        ch.raw("raw-events", "raw-counter", "--subject", raw_event_subject, "--control", raw_control)
+        net = self.net
 
-        raw_nc = await nats.connect(self.url, name="bench raw client")
-        mesh_nc = await mesh.connect(self.url, name="bench mesh client", wait=10)
-        try:
+        ch.mesh_registry(REGISTRY, self.prefix, net.admin_env(), url=net.url)
+        async with contextlib.AsyncExitStack() as connections:  # closed last first: raw, then mesh
+            mesh_nc = await mesh.connect(net.url, name="bench mesh client", wait=10, security=net.client_security())
+            connections.push_async_callback(mesh.close, mesh_nc)
+            await net.plugin_buckets(mesh_nc, self.prefix, [ECHO_REF, COUNTER_REF])
+            self.mesh_host("echo-0", ECHO_REF, 0)
+            self.mesh_host("events", COUNTER_REF, 0)
+            self.raw_host("raw-echo-0", "raw-echo", 0, [raw_echo_subject, raw_bcast_subject],
+                          "--subject", raw_echo_subject, "--subject", raw_bcast_subject)
+            self.raw_host("raw-events", "raw-counter", 0, [raw_event_subject, raw_control],
+                          "--subject", raw_event_subject, "--control", raw_control)
+            raw_nc = await nats.connect(net.url, name="bench raw client", **net.raw_client_options())
+            connections.push_async_callback(raw_nc.close)
             registry = PluginRegistry(mesh_nc, prefix=self.prefix)
             messaging = PluginMessaging(mesh_nc, prefix=self.prefix, source="bench", registry=registry,
                                         default_timeout=REQUEST_TIMEOUT)
@@ -502,10 +761,10 @@ class Bench:
 
             extra = [f"echo-{i}" for i in range(1, c.instances)]
             raw_extra = [f"raw-echo-{i}" for i in range(1, c.instances)]
-            for name in extra:
-                ch.mesh_run(name, "examples.echo:Echo", self.prefix)
-            for name in raw_extra:
-                ch.raw(name, "raw-echo", "--subject", raw_bcast_subject)
+            for slot, name in enumerate(extra, start=1):
+                self.mesh_host(name, ECHO_REF, slot)
+            for slot, name in enumerate(raw_extra, start=1):
+                self.raw_host(name, "raw-echo", slot, [raw_bcast_subject], "--subject", raw_bcast_subject)
             try:
                 async def raw_broadcast(timeout: float = REQUEST_TIMEOUT) -> int:
                     inbox = raw_nc.new_inbox()
@@ -547,9 +806,6 @@ class Bench:
                 self.registry_lookup, _ = await sequential(lookup, c.broadcasts)
             finally:
                 ch.stop(extra + raw_extra)
-        finally:
-            await raw_nc.close()
-            await mesh.close(mesh_nc)
 
     @staticmethod
     async def _both(a: Awaitable[bool], b: Awaitable[bool]) -> bool:
@@ -722,6 +978,8 @@ def print_report(table: list[Row], checks: list[Goal], b: Bench, machine: dict[s
     print()
     print("groundhog mesh benchmark — " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     c = b.counts
+    for line in b.net.describe():
+        print(line)
     print(f"rounds {c.rounds}; per round and side: {c.seq} sequential requests, {c.inflight} at {c.concurrency} "
           f"in flight, {c.broadcasts} broadcasts to {c.instances}, {c.events} events")
     print()
@@ -738,8 +996,10 @@ def print_report(table: list[Row], checks: list[Goal], b: Bench, machine: dict[s
               f"{fmt(percentile(b.registry_lookup, 50) * 1e6):>10}")
     print(f"{only + 'idle plugin host RSS':<{width}}  {'MiB':>6}  {'':>10}  {b.host_rss / MIB:>10.1f}  "
           f"({b.host_rss / MB:.1f} MB)")
+    nodes = len(b.net.nodes)
+    servers = f"nats-server (all {nodes} nodes)" if nodes > 1 else "nats-server"
     print(f"CPU us/request: CPU time during each side's {c.concurrency}-in-flight phase / its requests, median of the"
-          " rounds;\n  all processes = client (this process) + responder + nats-server (+ the registry, mesh side)")
+          f" rounds;\n  all processes = client (this process) + responder + {servers} (+ the registry, mesh side)")
     lost = {side: sum(s.event_loss) for side, s in b.sides.items() if sum(s.event_loss)}
     if lost:
         print(f"events lost (not delivered within 3s of the last one): {lost}")
@@ -808,16 +1068,20 @@ def to_json(table: list[Row], checks: list[Goal], b: Bench, machine: dict[str, A
             "inflight_cpu_us_per_request": {role: median(v) for role, v in s.inflight_cpu_us.items()},
         }
 
+    servers = [f"nats-server {n.name}" for n in b.net.nodes] if b.net.cluster else ["nats-server"]
     return {
         "machine": machine,
         "loop": b.children.loop,
+        "secure": b.net.secure,
+        "cluster": b.net.cluster,  # nodes of the cluster; 0: one node
+        "nats": b.net.to_json(),
         "counts": asdict(b.counts),
         "elapsed_s": round(elapsed, 1),
         "results": [{**asdict(r), "ratio": r.ratio} for r in table],
         "registry_lookup_p50_us": percentile(b.registry_lookup, 50) * us if b.registry_lookup else None,
         "idle_host_rss": {"bytes": b.host_rss, "MiB": b.host_rss / MIB, "MB": b.host_rss / MB},
-        "cpu_processes": {"raw": ["client", RESPONDER["raw"], "nats-server"],
-                          "mesh": ["client", RESPONDER["mesh"], REGISTRY, "nats-server"]},
+        "cpu_processes": {"raw": ["client", RESPONDER["raw"], *servers],
+                          "mesh": ["client", RESPONDER["mesh"], REGISTRY, *servers]},
         "goals": [{"name": g.name, "measure": g.measure, "value": g.value, "unit": g.unit, "op": g.op,
                    "limit": g.limit, "met": g.met} for g in checks],
         "sides": {name: summary(s) for name, s in b.sides.items()},
@@ -844,6 +1108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server and child logs)")
     p.add_argument("--loop", choices=_loop.CHOICES, default="asyncio",
                    help="event loop of every process of the run, raw and mesh alike (default asyncio)")
+    p.add_argument("--secure", action="store_true",
+                   help="nats-server as `mesh up --secure` runs it (TLS + operator auth), every client of both "
+                        "sides with TLS and credentials")
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="an N-node cluster (N >= 3, JetStream replicas 3): client and registry on node 0, the "
+                        "responders of both sides round-robin on nodes 1..N-1")
     # Internal: the raw responder processes.
     p.add_argument("--role", choices=["raw-echo", "raw-counter"], help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
@@ -926,22 +1196,26 @@ def main(argv: list[str] | None = None) -> int:
         run_on(args.loop, raw_counter(args.nats, args.subject[0], args.control))
         return 0
     counts = counts_from(args)
+    if args.cluster and args.cluster < 3:
+        raise SystemExit(f"--cluster {args.cluster}: a JetStream cluster needs 3 nodes or more (as mesh up --cluster); "
+                         "for one node leave --cluster out")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     machine = machine_info(args.loop)
     started = time.monotonic()
     with workspace(args.keep) as tmp:
-        server = mesh.NatsServer(tmp / "nats")
-        children = Children(tmp / "logs", server.url, loop=args.loop)
-        bench = Bench(counts, server.url, children)
+        net = Net(tmp, secure=args.secure, cluster=args.cluster)
+        children = Children(tmp / "logs", net.url, loop=args.loop)
+        children.env.update(net.child_env())
+        bench = Bench(counts, net, children)
         try:
-            server.start()
-            bench.server_pid = server.pid
+            net.start()
+            children.url = net.url  # (a cluster that found a port taken chose new ones)
             run_on(args.loop, bench.run())
         except Interrupted as exc:
             print(f"interrupted ({exc}); stopping the child processes and nats-server", file=sys.stderr)
             return 130
-        except (RuntimeError, CommunicationError, nats.errors.Error) as exc:
+        except (RuntimeError, PluginError, nats.errors.Error) as exc:  # PluginError: CommunicationError, StateError...
             print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             for name in children.procs:
                 print(f"  {name}: {children.tail(name, 3)}", file=sys.stderr)
@@ -950,7 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
             # Plugins first (they unregister through the registry), then the rest, then the server.
             children.stop([n for n in children.procs if n.startswith(("echo", "events"))])
             children.stop()
-            server.stop()
+            net.stop()
     table = rows(bench)
     checks = goals(table, counts.concurrency, bench.host_rss, counts.instances)
     print_report(table, checks, bench, machine)
