@@ -354,6 +354,7 @@ class RegistryService:
         body = body or {}
         name = body.get("name") if isinstance(body, dict) else None
         healthy_only = bool(body.get("healthy_only")) if isinstance(body, dict) else False
+        ids = bool(body.get("ids")) if isinstance(body, dict) else False  # only the instance ids (broadcasts)
         spec = _range_field(body)
         now = time.time()
         out = []
@@ -363,7 +364,7 @@ class RegistryService:
             info = self._current(info, now)
             if healthy_only and info.health not in SERVING:  # a degraded instance still serves
                 continue
-            out.append(info.model_dump(mode="json"))
+            out.append(info.id if ids else info.model_dump(mode="json"))
         return out
 
     async def _list_versions(self, body: Any) -> list[Any]:

@@ -161,6 +161,7 @@ class MeshClient(Client):
         self._reply_prefix = ""
         self._reply_prefix_len = 0
         self._replies: dict[int, asyncio.Future[tuple[bytes, dict[str, str] | None]]] = {}
+        self._gathers: dict[int, Callable[[bytes, dict[str, str] | None], None]] = {}
         self._reply_seq = itertools.count(1)
         self._direct_log = BoundedLog(log, burst=3, period=10.0)
         self._async_log = BoundedLog(log, burst=1, period=10.0)  # once per burst, then a count
@@ -218,7 +219,12 @@ class MeshClient(Client):
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        hdr = await self._process_headers(headers) if headers else None
+        if not headers:
+            hdr = None
+        elif headers[8:10] == b"\r\n" and len(headers) > 10:  # (the usual block: _process_headers, inline)
+            hdr = parse_header_lines(headers[10:]) or None
+        else:
+            hdr = await self._process_headers(headers)
         try:
             handler(subject, reply, data, hdr)
         except Exception as exc:  # a bug of ours must not stop the reader (nats-py would reconnect); logged
@@ -253,8 +259,25 @@ class MeshClient(Client):
         except ValueError:
             return  # not one of our tokens (anyone may publish to an inbox they can name)
         future = self._replies.pop(token, None)
-        if future is not None and not future.done():
-            future.set_result((data, headers))
+        if future is not None:
+            if not future.done():
+                future.set_result((data, headers))
+            return
+        gather = self._gathers.get(token)
+        if gather is not None:
+            gather(data, headers)
+
+    async def gather_inbox(self, on_reply: Callable[[bytes, dict[str, str] | None], None]) -> tuple[int, str]:
+        """An inbox whose every reply goes to ``on_reply(data, headers)`` until :meth:`end_gather`: a
+        broadcast's, on the requests' wildcard subscription (no SUB and UNSUB per broadcast)."""
+        if not self._reply_prefix:
+            await self._open_replies()
+        token = next(self._reply_seq)
+        self._gathers[token] = on_reply
+        return token, f"{self._reply_prefix}{token:x}"
+
+    def end_gather(self, token: int) -> None:
+        self._gathers.pop(token, None)
 
     async def request_direct(self, subject: str, block: bytes | None, body: bytes,
                              timeout: float) -> tuple[bytes, dict[str, str] | None]:

@@ -28,11 +28,12 @@ from ._errors import (
     PermissionDenied,
     PluginNotFound,
 )
-from ._message import BroadcastResult, Message, MessageKind, PluginInfo, Response, fast_model, new_id
+from ._message import BroadcastResult, Message, MessageKind, Response, fast_model, new_id
 from ._registry import PluginRegistry
 from ._wire import (
     H_ENVELOPE,
     H_METADATA,
+    H_STATUS,
     MESH_EVENTS,
     PROTOCOL_VERSION,
     Subjects,
@@ -43,7 +44,7 @@ from ._wire import (
     envelope_tail,
     event_headers,
     flush_subscriptions,
-    is_no_responders,
+    header_block,
     message_from_msg,
     publish,
     request,
@@ -157,7 +158,7 @@ class _Gathering:
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
-        self.arrived: list[Msg] = []
+        self.arrived: list[tuple[bytes, dict[str, str] | None]] = []
         self.progress = asyncio.Event()
         self.result = BroadcastResult()
         self.seen: set[str] = set()
@@ -166,18 +167,21 @@ class _Gathering:
         self.expected: set[str] | None = None  # who should answer, once the registry said
 
     async def on_reply(self, reply: Msg) -> None:
-        self.arrived.append(reply)
+        self.on_direct(reply.data, reply.headers)
+
+    def on_direct(self, data: bytes, headers: dict[str, str] | None) -> None:
+        self.arrived.append((data, headers))
         self.progress.set()
 
     def take(self) -> None:
         """Account for every reply that has arrived."""
         arrived, self.arrived = self.arrived, []
-        for reply in arrived:
-            if is_no_responders(reply):  # the server's word that nobody is subscribed, not a reply
+        for data, headers in arrived:
+            if headers and not data and headers.get(H_STATUS) == "503":  # nobody is subscribed: not a reply
                 self.no_responders = True
                 continue
             try:
-                response = response_from_msg(reply, message_id=self.message_id)
+                response = response_from(data, headers, message_id=self.message_id)
             except InvalidMessage as exc:
                 log.warning("ignored a malformed broadcast reply: %s", bounded(str(exc)))
                 continue
@@ -186,8 +190,8 @@ class _Gathering:
             self.seen.add(response.source or f"anonymous-{len(self.seen)}")
             self.result.responses.append(response)
 
-    def look(self, lookup: asyncio.Task[list[PluginInfo]],
-             expected_of: Callable[[asyncio.Task[list[PluginInfo]]], set[str] | None]) -> None:
+    def look(self, lookup: asyncio.Task[list[str]],
+             expected_of: Callable[[asyncio.Task[list[str]]], set[str] | None]) -> None:
         """Take the registry's answer (who should reply) once it is there."""
         if not self.looked and lookup.done():
             self.looked = True
@@ -198,8 +202,8 @@ class _Gathering:
             return True  # nobody is subscribed: nothing will come
         return self.expected is not None and self.expected <= self.seen
 
-    async def until_complete(self, lookup: asyncio.Task[list[PluginInfo]],
-                             expected_of: Callable[[asyncio.Task[list[PluginInfo]]], set[str] | None]) -> None:
+    async def until_complete(self, lookup: asyncio.Task[list[str]],
+                             expected_of: Callable[[asyncio.Task[list[str]]], set[str] | None]) -> None:
         """Until every expected instance answered, or the server said nobody serves (the caller bounds it)."""
         while True:
             self.progress.clear()
@@ -281,8 +285,7 @@ class PluginMessaging:
         Raises :class:`PluginNotFound`, :class:`RequestTimeout`, :class:`PayloadTooLarge`, or — with
         ``raise_on_error`` (the default) — the remote handler's typed error.
         """
-        if self._request_direct is not None and not version and not isinstance(message_or_payload, Message) \
-                and not _tracing.enabled():
+        if self._request_direct is not None and not version and not isinstance(message_or_payload, Message):
             return await self._send_direct(target, message_or_payload, timeout, operation, kind, metadata,
                                            raise_on_error)
         check_target(target)
@@ -327,9 +330,19 @@ class PluginMessaging:
             if len(self._targets) > 4096:
                 self._targets.clear()
             self._targets[target] = subject
+        if _tracing.enabled():  # (the same span as _send's; its context in the header block)
+            with _tracing.produce(subject, attributes={"mesh.operation": operation}) as carrier:
+                return await self._request_on(subject, target, payload, timeout, operation, kind, metadata,
+                                              raise_on_error, carrier)
+        return await self._request_on(subject, target, payload, timeout, operation, kind, metadata,
+                                      raise_on_error, None)
+
+    async def _request_on(self, subject: str, target: str, payload: Any, timeout: float | None,
+                          operation: str | None, kind: MessageKind | None, metadata: dict[str, str] | None,
+                          raise_on_error: bool, trace_headers: dict[str, str] | None) -> Response:
         message_id = new_id()
         t = timeout if timeout is not None else self._timeout
-        block = self._request_block(message_id, kind, operation, t, metadata)
+        block = self._request_block(message_id, kind, operation, t, metadata, trace_headers)
         body = self._encode_payload(payload, subject, target)
         if (size := len(block) + len(body)) > self._nc.max_payload:
             raise PayloadTooLarge(f"request of {size} bytes (headers and body) exceeds the server's limit of "
@@ -344,25 +357,31 @@ class PluginMessaging:
         return response
 
     def _request_block(self, message_id: str, kind: MessageKind | None, operation: str | None, timeout: float,
-                       metadata: dict[str, str] | None) -> bytes:
-        """The header block of a request: ``header_block(request_headers(message, timeout=…))`` of the
-        message ``_message`` would build (property-tested), from its fields."""
+                       metadata: dict[str, str] | None, extra: dict[str, str] | None = None) -> bytes:
+        """The header block of a request: ``header_block(request_headers(message, timeout=…) | extra)``
+        of the message ``_message`` would build (property-tested), from its fields."""
         env = f"{message_id}{self._env_tail}"
         if kind is not None and kind is not MessageKind.COMMAND:
             env += f";kind={MessageKind(kind).value}"
         if operation is not None:
             env += f";op={check_token(operation, what='operation name')}"
         env += f";t={timeout:g}"
+        lines = f"{self._env_head}{env}\r\n"
         if metadata and (valid := Message(metadata=metadata).metadata):
-            return f"{self._env_head}{env}\r\n{H_METADATA}: {pydantic_core.to_json(valid).decode()}\r\n\r\n".encode()
-        return f"{self._env_head}{env}\r\n\r\n".encode()
+            lines += f"{H_METADATA}: {pydantic_core.to_json(valid).decode()}\r\n"
+        if extra:  # (trace context: traceparent, tracestate)
+            return lines.encode() + header_block(extra)[10:]
+        return f"{lines}\r\n".encode()
 
-    def _event_block(self, message_id: str, metadata: dict[str, str] | None) -> bytes:
-        """The header block of an event: ``header_block(event_headers(tail, metadata))`` (property-tested)."""
+    def _event_block(self, message_id: str, metadata: dict[str, str] | None,
+                     extra: dict[str, str] | None = None) -> bytes:
+        """The header block of an event: ``header_block(event_headers(tail, metadata) | extra)`` (property-tested)."""
+        lines = f"{self._env_head}{message_id}{self._env_tail}\r\n"
         if metadata and (valid := Message(metadata=metadata).metadata):
-            meta = pydantic_core.to_json(valid).decode()
-            return f"{self._env_head}{message_id}{self._env_tail}\r\n{H_METADATA}: {meta}\r\n\r\n".encode()
-        return f"{self._env_head}{message_id}{self._env_tail}\r\n\r\n".encode()
+            lines += f"{H_METADATA}: {pydantic_core.to_json(valid).decode()}\r\n"
+        if extra:
+            return lines.encode() + header_block(extra)[10:]
+        return f"{lines}\r\n".encode()
 
     async def _instance_in_range(self, name: str, version: str) -> str:
         """``name.instance`` of a healthy instance whose version is in ``version`` (cached 1 s)."""
@@ -402,28 +421,37 @@ class PluginMessaging:
         headers = request_headers(msg, timeout=timeout)
         body = self._encode_payload(msg.payload, subject, target)
         gathering = _Gathering(msg.id)
-        sub = await self._nc.subscribe(self._nc.new_inbox(), cb=gathering.on_reply)
+        gather_inbox = getattr(self._nc, "gather_inbox", None)
+        sub: Subscription | None = None
+        if gather_inbox is not None:  # a MeshClient: a token on its requests' inbox, no SUB/UNSUB each time
+            token, inbox = await gather_inbox(gathering.on_direct)
+        else:
+            sub = await self._nc.subscribe(self._nc.new_inbox(), cb=gathering.on_reply)
+            inbox = sub.subject
         # Our own runtime knows its broadcasts by this inbox (which no other client can choose for
         # us), not by the envelope's inst= (which anyone could set to silence an instance).
-        self._own_inboxes.add(sub.subject)
-        lookup = asyncio.create_task(self._lookups.list_plugins(target, healthy_only=True,
-                                                                 timeout=max(0.05, min(1.0, timeout / 2))))
+        self._own_inboxes.add(inbox)
+        lookup = asyncio.create_task(self._lookups.list_ids(target, healthy_only=True,
+                                                            timeout=max(0.05, min(1.0, timeout / 2))))
         lookup.add_done_callback(lambda _: gathering.progress.set())
         try:
             with _tracing.produce(subject) as carrier:
                 headers.update(carrier)
-                await publish(self._nc, subject, body, headers=headers, reply=sub.subject, plugin=target,
+                await publish(self._nc, subject, body, headers=headers, reply=inbox, plugin=target,
                               what="broadcast")
             with contextlib.suppress(TimeoutError):  # the deadline ends it with what came
                 async with asyncio.timeout(timeout):
                     await gathering.until_complete(lookup, self._expected)
             gathering.look(lookup, self._expected)
         finally:
-            self._own_inboxes.discard(sub.subject)
+            self._own_inboxes.discard(inbox)
             lookup.cancel()
             await asyncio.gather(lookup, return_exceptions=True)
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            if sub is None:
+                self._nc.end_gather(token)  # type: ignore[attr-defined]
+            else:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
         gathering.take()
         if gathering.no_responders and not gathering.result.responses:
             raise PluginNotFound(f"no plugin instance serves broadcasts{f' to {target!r}' if target else ''} "
@@ -438,12 +466,12 @@ class PluginMessaging:
         """Whether a broadcast received with this reply subject is one this object is sending."""
         return reply is not None and reply in self._own_inboxes
 
-    def _expected(self, lookup: asyncio.Task[list[PluginInfo]]) -> set[str] | None:
+    def _expected(self, lookup: asyncio.Task[list[str]]) -> set[str] | None:
         if lookup.cancelled():
             return None
         exc = lookup.exception()
         if exc is None:
-            return {i.id for i in lookup.result() if i.id != self._instance}
+            return {i for i in lookup.result() if i != self._instance}
         if isinstance(exc, CommunicationError):
             log.warning("broadcast without the registry (%s): gathering until the timeout", exc)
             return None
@@ -464,8 +492,12 @@ class PluginMessaging:
                 self._event_subjects.clear()
             self._event_subjects[event_type] = subject
         body = self._encode_payload(payload, subject, None)
-        if self._send_prebuilt is not None and not _tracing.enabled():
-            await self._publish_direct(subject, event_type, body, metadata)
+        if self._send_prebuilt is not None:
+            if _tracing.enabled():
+                with _tracing.produce(subject, operation="publish") as carrier:
+                    await self._publish_direct(subject, event_type, body, metadata, carrier)
+            else:
+                await self._publish_direct(subject, event_type, body, metadata, None)
             return
         # The kind is implied by the subject; build the envelope without a Message (hot path).
         headers = event_headers(self._env_tail, Message(metadata=metadata).metadata if metadata else None)
@@ -473,11 +505,11 @@ class PluginMessaging:
             headers.update(carrier)
             await publish(self._nc, subject, body, headers=headers, what=f"event {event_type!r}")
 
-    async def _publish_direct(self, subject: str, event_type: str, body: bytes,
-                              metadata: dict[str, str] | None) -> None:
+    async def _publish_direct(self, subject: str, event_type: str, body: bytes, metadata: dict[str, str] | None,
+                              trace_headers: dict[str, str] | None) -> None:
         """:meth:`publish_event` on the direct path: the same bytes on the wire as ``_wire.publish`` with
         ``event_headers`` (property-tested), without nats-py re-checking our subject and header names."""
-        block = self._event_block(new_id(), metadata)
+        block = self._event_block(new_id(), metadata, trace_headers)
         n = len(block)
         if (size := n + len(body)) > self._nc.max_payload:
             raise PayloadTooLarge(f"event {event_type!r} of {size} bytes (headers and body) exceeds the server's "

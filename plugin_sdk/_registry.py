@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from . import _tracing
 from ._durable import Retry, transient
-from ._errors import PluginNotFound, RequestTimeout, StateTimeout, StateUnavailable
+from ._errors import InvalidMessage, PluginNotFound, RequestTimeout, StateTimeout, StateUnavailable
 from ._message import PluginInfo
 from ._wire import Subjects, dumps, publish, request, response_from_msg
 
@@ -103,6 +103,16 @@ class PluginRegistry:
         if version:
             body["version"] = version
         return _INFOS.validate_python(await self._call("list", body, timeout=timeout))
+
+    async def list_ids(self, name: str | None = None, *, healthy_only: bool = False,
+                       timeout: float | None = None) -> list[str]:
+        """The ids of :meth:`list_plugins`'s instances, without their records (what a broadcast needs:
+        a tenth of the bytes, and no model to build per instance). A registry that predates ``ids``
+        answers with the records; their ids are taken."""
+        result = await self._call("list", {"name": name, "healthy_only": healthy_only, "ids": True}, timeout=timeout)
+        if not isinstance(result, list):
+            raise InvalidMessage(f"the registry answered list with {type(result).__name__}, not a list")
+        return [str(item.get("id")) if isinstance(item, dict) else str(item) for item in result]
 
     async def list_versions(self, name: str | None = None) -> list[VersionRecord]:
         """Every version ever registered (of ``name``), oldest first."""

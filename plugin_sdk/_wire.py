@@ -173,7 +173,9 @@ def plugin_permissions(subjects: Subjects, *, name: str, instance_id: str, send:
     stream = f"KV_{subjects.state_bucket(name)}"
     pub: list[str] = []
     for target in send:
-        pub += [f"{p}.plugin.{target}", f"{p}.plugin.{target}.>", f"{p}.broadcast.{target}"]
+        pub += [f"{p}.plugin.{target}", f"{p}.broadcast.{target}"]
+        if target != ">":  # (its instances; ">" covers them already, and "…>.>" is not a subject)
+            pub.append(f"{p}.plugin.{target}.>")
         if target in ("*", ">"):
             pub.append(f"{p}.broadcast")  # to every plugin
     pub += [f"{p}.event.{pattern}" for pattern in publish]

@@ -152,3 +152,14 @@ async def test_a_rogue_plugin_is_refused_by_the_server_at_once(secure: SecureMes
     finally:
         await close(rogue)
         await close(other_nc)
+
+
+@pytest.mark.parametrize("send", [[">"], ["*"], ["echo", "auth"], []])
+def test_every_permission_subject_is_one_the_server_accepts(send: list[str]) -> None:
+    # With send = [">"] the list once held "<prefix>.plugin.>.>": nats-server logged "invalid publish
+    # subject" for every plugin host's connection. A full wildcard may only be the last token.
+    perms = plugin_permissions(Subjects("mesh"), name="echo", instance_id="echo-1", send=send, publish=["a.>"],
+                               subscribe=[">"], dependencies=["auth"])
+    for subject in (*perms.publish, *perms.subscribe, *perms.publish_deny):
+        tokens = subject.split(".")
+        assert all(tokens) and ">" not in tokens[:-1], subject

@@ -149,3 +149,7 @@ def test_the_direct_envelope_is_the_message_envelope(target: str, operation: str
     expected = event_headers(m._env_tail, Message(metadata=meta).metadata if meta else None)
     expected["Mesh"] = f"1;id={mid}" + m._env_tail
     assert m._event_block(mid, meta) == header_block(expected)
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=b"}
+    assert m._event_block(mid, meta, trace) == header_block({**expected, **trace})
+    assert m._request_block(mid, kind, operation, timeout, meta, trace) == header_block(
+        {**request_headers(message, timeout=timeout), **trace})
