@@ -134,6 +134,7 @@ class PluginRuntime:
         self._refresher: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._lanes: list[_EventLane] = []  # @on_event subscriptions on the direct path
+        self._prebuilt = getattr(nc, "send_prebuilt", None)  # (a MeshClient: replies as protocol lines)
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
         self._queue: deque[_Job] = deque()  # requests waiting for a handler slot, oldest first
         self._stopping_queue = False  # stop() is answering what is left: start nothing more
@@ -543,7 +544,11 @@ class PluginRuntime:
         try:
             message = self._admit(job, refuse)
             message_id = message.id
-            body, reply_headers, failure = self._reply_to(await self._run(job, message), message_id, job.broadcast)
+            if _tracing.enabled():
+                result = await self._run(job, message)
+            else:  # (_run without its span: the hot path)
+                result = await self._invoke(message, job.timeout)
+            body, reply_headers, failure = self._reply_to(result, message_id, job.broadcast)
         except Exception as exc:  # the handler's failure becomes the caller's typed error; we keep serving
             self._log_failure(exc, job.subject)
             info = ErrorInfo.from_exception(exc, plugin=self.config.name)
@@ -555,6 +560,10 @@ class PluginRuntime:
             self._instruments.record(kind, elapsed)
         if job.reply:
             try:
+                if reply_headers is None and self._prebuilt is not None and len(body) <= self.nc.max_payload:
+                    # (send_reply's common case inline: a success, no header, within the server's limit)
+                    await self._prebuilt(f"PUB {job.reply}  {len(body)}\r\n".encode() + body + b"\r\n", len(body))
+                    return
                 await send_reply(self.nc, job.reply, body, reply_headers, message_id=message_id,
                                  instance=self.instance_id, plugin=self.config.name)
             except nats.errors.Error as exc:

@@ -284,6 +284,20 @@ def parse_envelope(headers: dict[str, str] | None) -> dict[str, str]:
     raw = headers.get(H_ENVELOPE) if headers else None
     if not raw:
         return {}
+    if _WHITESPACE.search(raw) is None:  # (as we write them: nothing to strip, one pass; property-tested)
+        proto, _, rest = raw.partition(";")
+        env = {"v": proto}
+        if rest:
+            env.update(part.partition("=")[::2] for part in rest.split(";"))
+        return env
+    return parse_envelope_plain(raw)
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def parse_envelope_plain(raw: str) -> dict[str, str]:
+    """:func:`parse_envelope` of the header's value, field by field, stripping each."""
     proto, _, rest = raw.partition(";")
     env = {"v": proto.strip()}
     if rest:

@@ -153,3 +153,11 @@ def test_the_direct_envelope_is_the_message_envelope(target: str, operation: str
     assert m._event_block(mid, meta, trace) == header_block({**expected, **trace})
     assert m._request_block(mid, kind, operation, timeout, meta, trace) == header_block(
         {**request_headers(message, timeout=timeout), **trace})
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.sampled_from("1;=ab v\t\x1c\xa0.-") | st.characters(), max_size=30))
+def test_the_envelope_parser_gives_the_field_by_field_result(raw: str) -> None:
+    from plugin_sdk._wire import parse_envelope, parse_envelope_plain
+
+    assert parse_envelope({H_ENVELOPE: raw}) == (parse_envelope_plain(raw) if raw else {})
