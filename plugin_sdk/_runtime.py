@@ -450,13 +450,13 @@ class PluginRuntime:
             self.messaging.check_subscribe(pattern)
             handler = getattr(self.plugin, attr)
             ep = self.stats.endpoint(f"event_{attr}", s.event(pattern))
+            lane = _EventLane(self, handler, ep, s.event(pattern))
+            self._lanes.append(lane)
             if direct is not None:
-                lane = _EventLane(self, handler, ep, s.event(pattern))
-                self._lanes.append(lane)
                 lane.sub = await direct(s.event(pattern), lane.on_direct)
-                self._subs.append(lane.sub)
             else:
-                self._subs.append(await self.nc.subscribe(s.event(pattern), cb=self._event_callback(handler, ep)))
+                lane.sub = await self.nc.subscribe(s.event(pattern), cb=lane.on_msg)
+            self._subs.append(lane.sub)
         # NATS micro (ADR-32) discovery: $SRV.PING/INFO/STATS, last so INFO lists every endpoint.
         self._subs += await subscribe_micro(self)
         await flush_subscriptions(self.nc)  # the server has every subscription before we call ourselves serving
@@ -660,29 +660,6 @@ class PluginRuntime:
             await send_reply(self.nc, msg.reply, dumps(result), None, instance=self.instance_id,
                              plugin=self.config.name)
 
-    def _event_callback(self, handler: Callable[[Message], Awaitable[Any]],
-                        ep: EndpointStats) -> Callable[[Msg], Awaitable[None]]:
-        async def on_event(msg: Msg) -> None:
-            await self._on_event(handler, ep, msg.subject, msg.data, msg.headers)
-
-        return on_event
-
-    async def _on_event(self, handler: Callable[[Message], Awaitable[Any]], ep: EndpointStats, subject: str,
-                        data: bytes, headers: dict[str, str] | None) -> None:
-        """One event to one ``@on_event`` handler: counted, traced when tracing is on, failures by policy."""
-        started = time.perf_counter()
-        try:
-            event = message_from(data, headers, target=self.subjects.event_type(subject), kind=MessageKind.EVENT)
-            if _tracing.enabled():
-                with _tracing.consume(subject, headers, link=True, attributes={"messaging.message.id": event.id}):
-                    await handler(event)
-            else:
-                await handler(event)
-            self.stats.record(ep, "event", time.perf_counter() - started, None)
-        except Exception as exc:  # one bad event must not stop the subscription: handled by policy
-            self.stats.record(ep, "event", time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
-            await self.handle_plugin_error(exc, where=f"event handler {handler.__name__} on {bounded(subject, 200)}")
-
     async def check_health(self) -> HealthCheck:
         """Run the plugin's health check (bounded in time) and take its verdict, while serving."""
         if self._health not in SERVING and self._health != Health.UNHEALTHY:
@@ -796,8 +773,9 @@ _EAGER: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio
 
 
 class _EventLane:
-    """One ``@on_event`` subscription on the direct path: its events, handled one at a time and in
-    order (as nats-py runs a subscription's callbacks), in a task that lives while there are any.
+    """One ``@on_event`` subscription: its events, handled one at a time and in order (as nats-py
+    runs a subscription's callbacks), in a task that lives while there are any. On a MeshClient
+    the reader hands them over directly; on another client, the subscription's callback does.
 
     The first event of a burst starts the task (eagerly on 3.12+: a handler that never waits
     runs in place); the rest queue behind it. Bounded like a nats-py subscription's pending queue:
@@ -828,14 +806,34 @@ class _EventLane:
         self.queue.append((subject.decode(), data, headers))
         self.pending_bytes += len(data)
 
+    async def on_msg(self, msg: Msg) -> None:
+        """The same from a nats-py subscription's callback (a client that is not a MeshClient)."""
+        self.on_direct(msg.subject.encode(), (msg.reply or "").encode(), msg.data, msg.headers)
+
     async def _run(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Each event to the handler, in order: counted, traced when tracing is on, failures by policy."""
         runtime, handler, ep, queue = self.runtime, self.handler, self.ep, self.queue
+        record, event_type, perf_counter = runtime.stats.record, runtime.subjects.event_type, time.perf_counter
         try:
-            await runtime._on_event(handler, ep, subject, data, headers)
-            while queue:
+            while True:
+                started = perf_counter()
+                try:
+                    event = message_from(data, headers, target=event_type(subject), kind=MessageKind.EVENT)
+                    if _tracing.enabled():
+                        with _tracing.consume(subject, headers, link=True,
+                                              attributes={"messaging.message.id": event.id}):
+                            await handler(event)
+                    else:
+                        await handler(event)
+                    record(ep, "event", perf_counter() - started, None)
+                except Exception as exc:  # one bad event must not stop the subscription: handled by policy
+                    record(ep, "event", perf_counter() - started, f"{type(exc).__name__}: {exc}")
+                    await runtime.handle_plugin_error(
+                        exc, where=f"event handler {handler.__name__} on {bounded(subject, 200)}")
+                if not queue:
+                    return
                 subject, data, headers = queue.popleft()
                 self.pending_bytes -= len(data)
-                await runtime._on_event(handler, ep, subject, data, headers)
         finally:
             self.task = None
 

@@ -10,6 +10,7 @@ typed error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from plugin_sdk import InvalidMessage, Message, MessageKind, PluginMessaging
+from plugin_sdk import InvalidMessage, Message, MessageKind, Plugin, PluginMessaging, on_event
 from plugin_sdk._wire import H_ENVELOPE, H_METADATA, dumps, message_from_msg, request_headers
 
 json_values = st.recursive(
@@ -161,3 +162,121 @@ def test_the_envelope_parser_gives_the_field_by_field_result(raw: str) -> None:
     from plugin_sdk._wire import parse_envelope, parse_envelope_plain
 
     assert parse_envelope({H_ENVELOPE: raw}) == (parse_envelope_plain(raw) if raw else {})
+
+
+# -- end to end: a plugin on a MeshClient (the direct path) against one on a plain nats-py client ------
+
+class Probe(Plugin):
+    """Answers with what it was sent, or fails as asked; keeps every message and event it got."""
+
+    name = "probe"
+    version = "1.0.0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+
+    async def handle_message(self, message: Message) -> Any:
+        # (a message without an envelope id gets a fresh one: of each process's own sequence)
+        # (a message without an envelope id gets a fresh one of its process: the test's own ids are short)
+        self.seen.append({k: v for k, v in message.model_dump().items()
+                          if k != "target" and not (k == "id" and len(v) > 8)})
+        if message.operation == "fail":
+            raise ValueError(f"failing as asked: {message.payload!r}")
+        if message.operation == "refuse":
+            raise InvalidMessage("refused as asked")
+        return {"payload": message.payload, "metadata": message.metadata, "kind": message.kind.value}
+
+    @on_event("probe.>")
+    async def on_probe(self, event: Message) -> None:
+        self.events.append({k: v for k, v in event.model_dump().items() if k != "id"})
+
+
+wire_cases = st.tuples(
+    st.one_of(json_values.map(dumps), st.binary(max_size=8)),  # a body: JSON, or anything
+    st.one_of(st.none(), st.builds(lambda mid, op, kind: {H_ENVELOPE: f"1;id={mid};src=peer" + (
+        f";op={op}" if op else "") + (f";kind={kind}" if kind else "")},
+        st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), st.sampled_from([None, "fail", "refuse", "x"]),
+        st.sampled_from([None, "query", "event", "bogus"])),
+        st.just({H_ENVELOPE: "2;id=a"}), st.just({H_ENVELOPE: "1;id=a", H_METADATA: '{"k": "v"}'}),
+        st.just({H_ENVELOPE: "1;id=a", H_METADATA: "[1]"})),
+    st.booleans())  # to the plugin's subject, or as a broadcast
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(wire_cases, min_size=15, max_size=15))
+async def test_a_plugin_on_the_direct_path_answers_byte_for_byte_as_on_nats_pys(
+        nats_server: Any, prefix: str, cases: list[tuple[bytes, dict[str, str] | None, bool]]) -> None:
+    import nats
+
+    from plugin_sdk._runtime import PluginRuntime
+    from plugin_sdk.host import close, connect
+
+    plain, direct, caller = await nats.connect(nats_server.url), await connect(nats_server.url, name="direct"), \
+        await nats.connect(nats_server.url)
+    sides = {"plain": (plain, Probe()), "direct": (direct, Probe())}
+    runtimes = [PluginRuntime(plugin, nc, prefix=f"{prefix}{side}", register=False, instance_id=f"probe-{side}")
+                for side, (nc, plugin) in sides.items()]
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+        for body, headers, broadcast in cases:
+            replies = []
+            for side in sides:
+                subject = f"{prefix}{side}.broadcast.probe" if broadcast else f"{prefix}{side}.plugin.probe"
+                reply = await caller.request(subject, body, headers=headers, timeout=5)
+                replies.append((reply.data, {k: v.replace(side, "*") for k, v in (reply.headers or {}).items()}))
+            assert replies[0] == replies[1], (body, headers, broadcast)
+        for side in sides:  # events, through each side's own publish path as well
+            publisher = PluginMessaging(sides[side][0], prefix=f"{prefix}{side}", source="pub")
+            for i in range(5):
+                await publisher.publish_event(f"probe.e{i}", {"i": i}, metadata={"n": str(i)} if i % 2 else None)
+            await sides[side][0].flush()
+        plain_probe, direct_probe = sides["plain"][1], sides["direct"][1]
+        for _ in range(100):
+            if len(plain_probe.events) == len(direct_probe.events) == 5:
+                break
+            await asyncio.sleep(0.05)
+        assert plain_probe.seen == direct_probe.seen
+        assert plain_probe.events == direct_probe.events and len(direct_probe.events) == 5
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        await plain.close()
+        await caller.close()
+        await close(direct)
+
+
+async def test_a_sender_on_the_direct_path_gets_the_same_results_and_errors(nats_server: Any, prefix: str) -> None:
+    import nats
+
+    from plugin_sdk import PluginError
+    from plugin_sdk._runtime import PluginRuntime
+    from plugin_sdk.host import close, connect
+
+    server_nc, plain, direct = await connect(nats_server.url, name="probe"), await nats.connect(nats_server.url), \
+        await connect(nats_server.url, name="direct")
+    async with PluginRuntime(Probe(), server_nc, prefix=prefix, register=False):
+        senders = [PluginMessaging(nc, prefix=prefix, source="s") for nc in (plain, direct)]
+
+        async def outcome(m: PluginMessaging, *args: Any, **kwargs: Any) -> Any:
+            try:
+                r = await m.send_message(*args, **kwargs)
+                return ("ok", r.result, r.error, r.source)
+            except PluginError as exc:
+                return (type(exc).__name__, str(exc), exc.plugin, exc.subject)
+
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            (("probe", {"a": [1, 2]}), {}), (("probe", None), {"kind": MessageKind.QUERY}),
+            (("probe", "x"), {"operation": "fail"}), (("probe", 1), {"operation": "refuse"}),
+            (("probe", {"m": 1}), {"metadata": {"k": "v"}}),
+            (("probe", 1), {"operation": "fail", "raise_on_error": False}), (("nobody", 1), {}),
+            (("probe.nobody-1", 1), {"timeout": 0.3}), (("probe", "x" * 2_000_000), {}), (("probe", object()), {}),
+            (("probe pad", 1), {}), (("probe.*", 1), {}), (("probe", 1), {"operation": "a b"}),
+        ]
+        for args, kwargs in calls:
+            assert await outcome(senders[0], *args, **kwargs) == await outcome(senders[1], *args, **kwargs), args
+    for nc in (server_nc, direct):
+        await close(nc)
+    await plain.close()
