@@ -813,12 +813,12 @@ class _EventLane:
     async def _run(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Each event to the handler, in order: counted, traced when tracing is on, failures by policy."""
         runtime, handler, ep, queue = self.runtime, self.handler, self.ep, self.queue
-        record, event_type, perf_counter = runtime.stats.record, runtime.subjects.event_type, time.perf_counter
+        record, offset, perf_counter = runtime.stats.record, runtime.subjects.event_offset, time.perf_counter
         try:
             while True:
                 started = perf_counter()
                 try:
-                    event = message_from(data, headers, target=event_type(subject), kind=MessageKind.EVENT)
+                    event = message_from(data, headers, target=subject[offset:], kind=MessageKind.EVENT)
                     if _tracing.enabled():
                         with _tracing.consume(subject, headers, link=True,
                                               attributes={"messaging.message.id": event.id}):

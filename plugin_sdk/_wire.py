@@ -95,6 +95,11 @@ class Subjects:
     def event_type(self, subject: str) -> str:
         return subject[len(self.prefix) + 7 :]  # strip "<prefix>.event."
 
+    @property
+    def event_offset(self) -> int:
+        """Where the event type starts in an event's subject (after ``<prefix>.event.``)."""
+        return len(self.prefix) + 7
+
     def registry(self, verb: str) -> str:
         return f"{self.prefix}.registry.{verb}"
 
@@ -288,7 +293,9 @@ def parse_envelope(headers: dict[str, str] | None) -> dict[str, str]:
         proto, _, rest = raw.partition(";")
         env = {"v": proto}
         if rest:
-            env.update(part.partition("=")[::2] for part in rest.split(";"))
+            for part in rest.split(";"):
+                key, _, value = part.partition("=")
+                env[key] = value
         return env
     return parse_envelope_plain(raw)
 
