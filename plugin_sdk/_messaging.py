@@ -493,11 +493,16 @@ class PluginMessaging:
             self._event_subjects[event_type] = subject
         body = self._encode_payload(payload, subject, None)
         if self._send_prebuilt is not None:
-            if _tracing.enabled():
-                with _tracing.produce(subject, operation="publish") as carrier:
-                    await self._publish_direct(subject, event_type, body, metadata, carrier)
-            else:
-                await self._publish_direct(subject, event_type, body, metadata, None)
+            try:
+                if _tracing.enabled():
+                    with _tracing.produce(subject, operation="publish") as carrier:
+                        await self._send_prebuilt(self._event_line(subject, event_type, body, metadata, carrier),
+                                                  len(body))
+                else:
+                    await self._send_prebuilt(self._event_line(subject, event_type, body, metadata, None), len(body))
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                    nats.errors.OutboundBufferLimitError) as exc:
+                raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", subject=subject) from None
             return
         # The kind is implied by the subject; build the envelope without a Message (hot path).
         headers = event_headers(self._env_tail, Message(metadata=metadata).metadata if metadata else None)
@@ -505,21 +510,17 @@ class PluginMessaging:
             headers.update(carrier)
             await publish(self._nc, subject, body, headers=headers, what=f"event {event_type!r}")
 
-    async def _publish_direct(self, subject: str, event_type: str, body: bytes, metadata: dict[str, str] | None,
-                              trace_headers: dict[str, str] | None) -> None:
-        """:meth:`publish_event` on the direct path: the same bytes on the wire as ``_wire.publish`` with
-        ``event_headers`` (property-tested), without nats-py re-checking our subject and header names."""
+    def _event_line(self, subject: str, event_type: str, body: bytes, metadata: dict[str, str] | None,
+                    trace_headers: dict[str, str] | None) -> bytes:
+        """:meth:`publish_event`'s ``HPUB`` line on the direct path: the same bytes on the wire as
+        ``_wire.publish`` with ``event_headers`` (property-tested), without nats-py re-checking our
+        subject and header names."""
         block = self._event_block(new_id(), metadata, trace_headers)
         n = len(block)
         if (size := n + len(body)) > self._nc.max_payload:
             raise PayloadTooLarge(f"event {event_type!r} of {size} bytes (headers and body) exceeds the server's "
                                   f"limit of {self._nc.max_payload} bytes", subject=subject)
-        try:
-            await self._send_prebuilt(  # type: ignore[misc]
-                f"HPUB {subject}  {n} {size}\r\n".encode() + block + body + b"\r\n", len(body))
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                nats.errors.OutboundBufferLimitError) as exc:
-            raise ConnectionFailed(f"NATS connection unavailable: {type(exc).__name__}", subject=subject) from None
+        return f"HPUB {subject}  {n} {size}\r\n".encode() + block + body + b"\r\n"
 
     def check_subscribe(self, pattern: str) -> None:
         """Raise ValueError for a malformed pattern, PermissionDenied for a forbidden one."""

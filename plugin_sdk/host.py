@@ -19,13 +19,14 @@ The groups:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import _tracing as tracing
 from ._config import SEMVER_RE, check_range, load_config_text, validate_name, version_matches
 from ._connection import MeshClient, close, connect, parse_urls, redact
 from ._durable import DurableKV, Retry, transient
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
-from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
 from ._runtime import check_protocol, new_instance_id
 from ._state import open_bucket, too_few_nodes
 from ._tasks import TaskOwner, every
@@ -129,3 +130,18 @@ __all__ = [
     "validate_name",
     "version_matches",
 ]
+
+#: The embedded nats-server's names, imported when first used: a plugin host needs none of them
+#: (half a MiB of its idle RSS: subprocess, shutil, tempfile and the rest).
+_NATSD = ("NatsCluster", "NatsServer", "NatsServerError", "child_preexec", "find_binary", "free_port")
+
+if TYPE_CHECKING:
+    from ._natsd import NatsCluster, NatsServer, NatsServerError, child_preexec, find_binary, free_port
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NATSD:
+        from . import _natsd
+
+        return getattr(_natsd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
