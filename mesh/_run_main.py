@@ -62,12 +62,14 @@ def failure_line(exc: BaseException) -> str | None:
     import nats.errors
 
     from plugin_sdk import PluginError
-    from plugin_sdk.host import NatsServerError
 
+    # (a NatsServerError comes only from the embedded server's module: not imported, not raised)
+    natsd = sys.modules.get("plugin_sdk._natsd")
     if isinstance(exc, PluginError):
         where = f" (plugin {exc.plugin})" if exc.plugin and exc.plugin not in str(exc) else ""
         return f"{type(exc).__name__}: {exc}{where}"
-    if isinstance(exc, NatsServerError | ValueError) or type(exc).__name__ == "UserError":
+    if (natsd is not None and isinstance(exc, natsd.NatsServerError)) or isinstance(exc, ValueError) \
+            or type(exc).__name__ == "UserError":
         return str(exc)
     if isinstance(exc, nats.errors.Error):
         return f"NATS: {type(exc).__name__}: {exc}"

@@ -110,3 +110,27 @@ async def test_missed_heartbeats_override_what_the_plugin_said(nc: NATS, prefix:
                 info.health_reason.startswith("no heartbeat for")
 
         await eventually(silent, what="unhealthy for missed beats")
+
+
+def test_the_proc_reading_of_resources_is_what_psutil_reads() -> None:
+    # The host reads /proc/self (psutil cost ~1 MiB of its idle RSS); the figures must stay psutil's.
+    import os
+
+    import psutil
+
+    from plugin_sdk._metrics import ResourceSampler
+
+    sampler = ResourceSampler()
+    assert sampler.process is None  # (Linux: the /proc reading, not psutil)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        sample, proc = sampler.sample(), psutil.Process()
+        with proc.oneshot():
+            rss, threads, fds = proc.memory_info().rss, proc.num_threads(), proc.num_fds()
+            cpu = sum(proc.cpu_times()[:2])
+    finally:
+        os.close(fd)
+    assert abs(sampler.created - proc.create_time()) < 0.05
+    assert sample["threads"] == threads and sample["open_fds"] == fds
+    assert abs(sample["rss_bytes"] - rss) < 4 * 2**20  # (allocations between the two readings)
+    assert abs(sample["cpu_seconds"] - cpu) < 0.05
