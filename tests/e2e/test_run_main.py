@@ -16,7 +16,7 @@ from mesh.cli import app
 from tests.conftest import ROOT, child_env
 
 HEAVY = ("typer", "rich", "cryptography", "opentelemetry.sdk", "mesh._agent", "mesh._up", "mesh._registry", "psutil",
-         "plugin_sdk._natsd")
+         "plugin_sdk._natsd", "tenacity", "opentelemetry.metrics")
 
 
 async def _mesh(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
