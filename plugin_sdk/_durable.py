@@ -151,6 +151,10 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: Seconds before asking a bucket that holds messages for its keys once more (see ``DurableKV._keys``).
+KEYS_RECHECK = 0.05
+
+
 def new_msg_id() -> str:
     return secrets.token_hex(12)
 
@@ -228,7 +232,26 @@ class DurableKV:
         return await self.retry.run(lambda n: self.kv.get(key), what=f"get {key!r} in {self.name}")
 
     async def keys(self) -> list[str]:
-        return await self.retry.run(lambda n: self.kv.keys(), what=f"keys of {self.name}")
+        return await self.retry.run(lambda n: self._keys(), what=f"keys of {self.name}")
+
+    async def _keys(self) -> list[str]:
+        """nats-py's ``keys()``, except that a bucket with entries is not reported empty.
+
+        nats-py's watcher signals "nothing more" at once when the consumer has nothing pending and
+        the subscription has received nothing yet; an entry already sent but not yet read (in
+        flight behind the consumer-info reply) makes a bucket with keys look empty. Seen once in CI
+        under load (`mesh state keys` printed ``[]`` after `mesh state get` read a key). So a "no
+        keys" from a stream that holds messages is asked once more, after a moment; a second "no
+        keys" is believed (every entry deleted).
+        """
+        try:
+            return await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            info = await self.kv._js.stream_info(self.kv._stream)
+            if not info.state.messages:
+                raise
+        await asyncio.sleep(KEYS_RECHECK)
+        return await self.kv.keys()
 
     async def _own_write_after(self, key: str, last: int, msg_id: str) -> int | None:
         """The revision of the first write to ``key`` after revision ``last`` if it carries ``msg_id``."""
