@@ -285,21 +285,32 @@ class MeshClient(Client):
         caller has checked, and return the reply's body and headers. Raises what nats-py's request
         does: ``NoRespondersError``, ``TimeoutError``, the connection's errors; and, for a subject
         the server does not let this client publish to, :class:`PermissionDenied`."""
+        _, data, headers = await self._round_trip(subject, timeout, body, block=block)
+        return data, headers
+
+    async def _round_trip(self, subject: str, timeout: float, body: bytes, *, block: bytes | None = None,
+                          headers: dict[str, Any] | None = None,
+                          checked: bool = True) -> tuple[str, bytes, dict[str, str] | None]:
+        """One request on the reply inbox: the inbox it used, the reply's body and headers. ``checked``:
+        the caller checked ``subject`` and built ``block`` (a protocol line goes out as is); else
+        nats-py's ``publish`` checks and encodes ``headers``."""
         token, inbox, future = await self._reply_slot(subject)
         timer = future.get_loop().call_later(timeout, _expire, future)
         try:
-            if block is None:
-                cmd = f"PUB {subject} {inbox} {len(body)}\r\n".encode() + body + b"\r\n"
+            if not checked:
+                await self.publish(subject, body, reply=inbox, headers=headers)
+            elif block is None:
+                await self.send_prebuilt(f"PUB {subject} {inbox} {len(body)}\r\n".encode() + body + b"\r\n",
+                                         len(body))
             else:
-                cmd = hpub_command(subject, inbox, block, body)
-            await self.send_prebuilt(cmd, len(body))
-            data, headers = await future
+                await self.send_prebuilt(hpub_command(subject, inbox, block, body), len(body))
+            data, hdr = await future
         finally:
             timer.cancel()
             self._release(token, subject, future)
-        if headers and headers.get("Status") == "503":
+        if hdr and hdr.get("Status") == "503":
             raise nats.errors.NoRespondersError
-        return data, headers
+        return inbox, data, hdr
 
     async def _reply_slot(self, subject: str) -> tuple[int, str, asyncio.Future[tuple[bytes, dict[str, str] | None]]]:
         if not self._reply_prefix:
@@ -360,16 +371,8 @@ class MeshClient(Client):
         ``subject`` fails it at once with :class:`PermissionDenied` rather than letting it time out."""
         if old_style:
             return await super().request(subject, payload, timeout=timeout, old_style=True, headers=headers)
-        token, inbox, future = await self._reply_slot(subject)
-        timer = future.get_loop().call_later(timeout, _expire, future)
-        try:
-            await self.publish(subject, payload, reply=inbox, headers=headers)  # (nats-py's checks, for any caller)
-            data, hdr = await future
-        finally:
-            timer.cancel()
-            self._release(token, subject, future)
-        if hdr and hdr.get("Status") == "503":
-            raise nats.errors.NoRespondersError
+        # (nats-py's publish checks the subject and encodes the headers: any caller may be here)
+        inbox, data, hdr = await self._round_trip(subject, timeout, payload, headers=headers, checked=False)
         return self.msg_class(subject=inbox, reply="", data=data, headers=hdr, _client=self, _sid=0)
 
     async def confirm_subscriptions(self, subjects: list[str]) -> None:
