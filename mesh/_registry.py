@@ -40,6 +40,7 @@ from plugin_sdk import (
     VersionRecord,
 )
 from plugin_sdk.host import (
+    OPEN_RETRY,
     SERVING,
     BoundedLog,
     DurableKV,
@@ -56,11 +57,11 @@ from plugin_sdk.host import (
     health_event,
     loads,
     open_bucket,
+    passing_open,
     publish,
     registry_instance_key,
     registry_versions_key,
     too_few_nodes,
-    transient,
     version_matches,
 )
 
@@ -71,8 +72,6 @@ __all__ = ["RegistryService"]
 log = logging.getLogger("mesh.registry")
 
 QUEUE = "registry"
-#: Seconds the registry's start retries opening its bucket while JetStream is busy or electing.
-OPEN_RETRY = 10.0
 #: The registry's envelope tail: its events come from source ``registry``.
 _TAIL = envelope_tail("registry", None)
 
@@ -128,8 +127,7 @@ class RegistryService:
         def passing(exc: BaseException) -> bool:
             # JetStream busy or electing (a cluster just formed, a node just lost): always worth a
             # wait; too few nodes only while a cluster this process belongs to is still starting.
-            cause = exc.__cause__ if isinstance(exc, StateError) and exc.__cause__ is not None else exc
-            return transient(cause) or (self.wait_for_nodes > 0 and too_few_nodes(exc))
+            return passing_open(exc) or (self.wait_for_nodes > 0 and too_few_nodes(exc))
 
         try:
             self._kv = await Retry(within=max(self.wait_for_nodes, OPEN_RETRY), max_pause=0.5).run(

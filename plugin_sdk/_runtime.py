@@ -52,7 +52,7 @@ from ._metrics import EndpointStats, ResourceSampler, RuntimeStats
 from ._micro import subscribe_micro
 from ._plugin import Plugin, PluginState
 from ._registry import PluginRegistry
-from ._state import StateStore, open_bucket
+from ._state import OPEN_RETRY, StateStore, open_bucket, passing_open
 from ._tasks import TaskOwner, every
 from ._wire import (
     E_KIND,
@@ -181,8 +181,12 @@ class PluginRuntime:
         self._start_called = time.time()
         name = self.config.name
         try:
-            kv = await open_bucket(self.nc.jetstream(), self.subjects.state_bucket(name), create=True,
-                                   description=f"state of plugin {name}")
+            # Two instances starting at once on a cluster both create the R3 bucket: JetStream can be
+            # too busy (or electing) to answer one of them in time; that passes (seen in CI).
+            kv = await Retry(within=min(OPEN_RETRY, self._retry.within), max_pause=0.5).run(
+                lambda n: open_bucket(self.nc.jetstream(), self.subjects.state_bucket(name), create=True,
+                                      description=f"state of plugin {name}"),
+                what=f"the state bucket of {name}", retry_on=passing_open)
             state = StateStore(kv, plugin=name, max_value_size=self.config.max_payload, retry=self._retry)
             runtime = RuntimeInfo(instance_id=self.instance_id, host=socket.gethostname(), pid=os.getpid(),
                                   prefix=self.subjects.prefix, nats_url=str(self.nc.connected_url or ""),

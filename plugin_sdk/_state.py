@@ -25,7 +25,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from ._durable import DurableKV, Retry
+from ._durable import DurableKV, Retry, transient
 from ._errors import StateConflict, StateError, StateNotFound, StateTimeout, StateTooLarge, StateUnavailable
 from ._wire import dumps, loads
 
@@ -117,6 +117,16 @@ async def _guard(aw: Awaitable[T], *, op: str, bucket: str, key: str | None, plu
         if notes:  # how long it was retried (plugin_sdk._durable)
             error = type(error)(f"{error} {notes}", plugin=plugin, bucket=bucket, key=key)
         raise error from exc
+
+
+#: Seconds a start retries opening its bucket while JetStream is busy or electing (a cluster just formed).
+OPEN_RETRY = 10.0
+
+
+def passing_open(exc: BaseException) -> bool:
+    """Whether opening a bucket failed for a reason that passes by itself (JetStream busy or electing)."""
+    cause = exc.__cause__ if isinstance(exc, StateError) and exc.__cause__ is not None else exc
+    return transient(cause)
 
 
 def too_few_nodes(exc: BaseException) -> bool:

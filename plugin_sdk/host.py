@@ -28,7 +28,7 @@ from ._durable import DurableKV, Retry, transient
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
 from ._runtime import check_protocol, new_instance_id
-from ._state import open_bucket, too_few_nodes
+from ._state import OPEN_RETRY, open_bucket, passing_open, too_few_nodes
 from ._tasks import TaskOwner, every
 from ._wire import (
     H_ENVELOPE,
@@ -73,6 +73,7 @@ __all__ = [
     "H_ERROR_TYPE",
     "H_METADATA",
     "MESH_EVENTS",
+    "OPEN_RETRY",
     "PROTOCOL_VERSION",
     "SEMVER_RE",
     "SERVING",
@@ -115,6 +116,7 @@ __all__ = [
     "new_instance_id",
     "open_bucket",
     "parse_urls",
+    "passing_open",
     "plugin_permissions",
     "publish",
     "redact",
