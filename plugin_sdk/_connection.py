@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -40,7 +40,8 @@ from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE
 
 from ._errors import ConnectionFailed, PermissionDenied
 from ._logs import BoundedLog
-from ._wire import bounded, flush_subscriptions, hpub_command, parse_header_lines
+from ._parser import MeshParser
+from ._wire import H_ENVELOPE, bounded, flush_subscriptions, hpub_command, parse_header_lines
 
 __all__ = ["MeshClient", "close", "connect", "parse_urls", "redact"]
 
@@ -146,6 +147,7 @@ class MeshClient(Client):
 
     def __init__(self) -> None:
         super().__init__()
+        self._ps = MeshParser(self)  # (nats-py's, with messages parsed in one pass: _parser.py)
         #: Messages dropped because the subscription's pending queue was full, by subscription subject.
         self.dropped: Counter[str] = Counter()
         #: Permission violations the server reported, by (operation, subject): ("publish", "x.y"). The
@@ -211,20 +213,38 @@ class MeshClient(Client):
         self._direct[sub._id] = handler
         return sub
 
+    def deliver_direct(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """Hand a message for a subscription on the direct path to its handler, now; False if it is
+        not one (or its header block needs nats-py's parse, a status line): then :meth:`_process_msg`."""
+        handler = self._direct.get(sid)
+        if handler is None or sid not in self._subs:
+            return False
+        if not headers:
+            hdr = None
+        elif (headers.startswith(_ENVELOPE_ONLY) and headers.endswith(b"\r\n\r\n")
+              and headers.find(b"\r\n", _ENVELOPE_AT) == len(headers) - 4):  # (a request's or an event's block)
+            hdr = {H_ENVELOPE: headers[_ENVELOPE_AT:-4].strip().decode("utf-8", "replace")}
+        elif headers[8:10] == b"\r\n" and len(headers) > 10:  # (the usual block: _process_headers, inline)
+            hdr = parse_header_lines(headers[10:]) or None
+        else:
+            return False
+        self._call_direct(handler, subject, reply, data, hdr)
+        return True
+
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        if self.deliver_direct(sid, subject, reply, data, headers):
+            return
         handler = self._direct.get(sid)
         if handler is None or sid not in self._subs:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
+        self._call_direct(handler, subject, reply, data, await self._process_headers(headers))
+
+    def _call_direct(self, handler: DirectHandler, subject: bytes, reply: bytes, data: bytes,
+                     hdr: dict[str, str] | None) -> None:
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        if not headers:
-            hdr = None
-        elif headers[8:10] == b"\r\n" and len(headers) > 10:  # (the usual block: _process_headers, inline)
-            hdr = parse_header_lines(headers[10:]) or None
-        else:
-            hdr = await self._process_headers(headers)
         try:
             handler(subject, reply, data, hdr)
         except Exception as exc:  # a bug of ours must not stop the reader (nats-py would reconnect); logged
@@ -446,6 +466,11 @@ class MeshClient(Client):
 
 
 #: ``handler(subject, reply, data, headers)`` of a direct subscription, called by the reader: must not block.
+#: A header block of our envelope alone (``NATS/1.0``, ``Mesh: …``), as requests and events carry:
+#: read as ``parse_header_lines`` reads it, in one slice (property-tested).
+_ENVELOPE_ONLY: Final = f"NATS/1.0\r\n{H_ENVELOPE}: ".encode()
+_ENVELOPE_AT: Final = len(_ENVELOPE_ONLY)
+
 DirectHandler = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
 
 

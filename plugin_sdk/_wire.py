@@ -357,6 +357,39 @@ def message_from(data: bytes, headers: dict[str, str] | None, *, target: str, en
     })
 
 
+def event_from(data: bytes, headers: dict[str, str] | None, target: str) -> Message:
+    """``message_from(data, headers, target=target, kind=MessageKind.EVENT)`` in one pass: the
+    envelope's fields go straight into the message's, with no dict of the envelope between
+    (property-tested equal for any headers and body). An event lane builds one per event."""
+    if not headers or H_METADATA in headers:
+        return message_from(data, headers, target=target, kind=MessageKind.EVENT)
+    raw = headers.get(H_ENVELOPE)
+    if not raw or _WHITESPACE.search(raw) is not None:
+        return message_from(data, headers, target=target, kind=MessageKind.EVENT)
+    fields = _EVENT_FIELDS_TEMPLATE.copy()  # (a copy: a third of the cost of a dict display)
+    fields["target"], fields["metadata"] = target, {}
+    _, _, rest = raw.partition(";")
+    if rest:
+        for part in rest.split(";"):
+            key, _, value = part.partition("=")
+            name = _EVENT_FIELDS.get(key)
+            if name is not None:
+                fields[name] = value
+    if not fields["id"]:
+        fields["id"] = new_id()
+    if data:
+        fields["payload"] = loads(data)
+    return fast_model(Message, fields, _MESSAGE_FIELDS)
+
+
+#: Envelope field → Message field, for :func:`event_from` (an event's kind is its subject's).
+_EVENT_FIELDS: Final = {E_ID: "id", E_SOURCE: "source", E_INSTANCE: "source_instance", E_OPERATION: "operation"}
+_EVENT_FIELDS_TEMPLATE: Final[dict[str, Any]] = {
+    "id": "", "source": "", "target": "", "payload": None, "metadata": None, "kind": MessageKind.EVENT,
+    "operation": None, "source_instance": None}
+_MESSAGE_FIELDS: Final = set(Message.model_fields)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes: NATS counts the header block *and* the body against the server's ``max_payload``. A
 # message over it makes nats-server close the publisher's connection ("maximum payload

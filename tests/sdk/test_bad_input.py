@@ -180,6 +180,42 @@ async def test_envelope_breaking_operation_names_are_refused(touchy: Any, messag
     await still_serving(messaging)
 
 
+async def _line_starting(reader: asyncio.StreamReader, prefix: tuple[bytes, ...], timeout: float = 5.0) -> bytes:
+    """The first protocol line from the server that starts with one of ``prefix`` (PING, PONG, +OK skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await reader.readline()
+            if line.startswith(prefix) or not line:
+                return line
+            assert line.startswith((b"PING", b"PONG", b"+OK")), line
+
+
+async def test_a_header_block_that_starts_with_digits_does_not_desynchronise_the_reader(
+        nats_server: Any, nc: Any, prefix: str, touchy: Any, messaging: PluginMessaging) -> None:
+    # nats-server forwards a header block as the publisher wrote it. nats-py's expression for an
+    # HMSG line lets its last separator run past the line's end, so a block that starts with
+    # digits and CRLF (``12\r\n``) made it read the message with the wrong reply and sizes, then
+    # the rest of the stream as garbage: a ProtocolError and a reconnect, and the requests that
+    # arrived with it were lost. The mesh's parser reads the line up to its CRLF, as the protocol does.
+    reconnects = nc.stats["reconnects"]
+    host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        block, body = b"12\r\nzz", b"hi"
+        subject = f"{prefix}.plugin.touchy".encode()
+        writer.write(b'CONNECT {"verbose":false,"headers":true}\r\nSUB hostile.inbox 1\r\n'
+                     + b"HPUB %s %d %d\r\n%s%s\r\n" % (subject, len(block), len(block) + len(body), block, body)
+                     + b"PUB %s hostile.inbox 8\r\n{\"n\": 2}\r\nPING\r\n" % subject)
+        await writer.drain()
+        # (the request right behind the odd block is answered: the plugin read both as they were)
+        assert await _line_starting(reader, (b"MSG hostile.inbox 1 ", b"HMSG hostile.inbox 1 "))
+    finally:
+        writer.close()
+    await still_serving(messaging)
+    assert nc.stats["reconnects"] == reconnects
+
+
 async def test_a_status_header_nats_py_cannot_parse_does_not_leave_the_plugin_deaf(
         nats_server: Any, prefix: str, touchy: Any, messaging: PluginMessaging) -> None:
     # nats-py parses an inline status (``NATS/1.0 503 …``) with a strict UTF-8 decode, inside its

@@ -164,6 +164,161 @@ def test_the_envelope_parser_gives_the_field_by_field_result(raw: str) -> None:
     assert parse_envelope({H_ENVELOPE: raw}) == (parse_envelope_plain(raw) if raw else {})
 
 
+# -- the reader: MeshParser against nats-py's Parser, MSG/HMSG by MSG/HMSG ----------------------------
+
+class _Recorder:
+    """What a parser hands its client, in order (``direct``: the sids served on the direct path)."""
+
+    def __init__(self, direct: frozenset[int] | None = frozenset()) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.direct = direct
+
+    def _msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.calls.append(("msg", sid, bytes(subject), bytes(reply), bytes(data), bytes(headers) if headers else None))
+
+    def deliver_direct(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        if self.direct is not None and sid not in self.direct:  # (None: every sid)
+            return False
+        self._msg(sid, subject, reply, data, headers)
+        return True
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self._msg(sid, subject, reply, data, headers)
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: Any) -> None:
+        self.calls.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.calls.append(("err", err))
+
+
+tokens = st.from_regex(r"[A-Za-z0-9_.$>*-]{1,12}", fullmatch=True).map(str.encode)
+header_blocks = st.builds(lambda rest: b"NATS/1.0" + rest, st.sampled_from(
+    [b"\r\n\r\n", b"\r\nMesh: 1;id=a;src=b\r\n\r\n", b" 503\r\n\r\n", b"\r\nK: v\r\nL: w\r\n\r\n"])
+    | st.binary(max_size=16))
+
+
+@st.composite
+def messages(draw: Any) -> bytes:
+    """One protocol item as nats-server writes it: a MSG or HMSG (sizes right), or a control line."""
+    kind = draw(st.sampled_from(["msg", "hmsg", "hmsg", "control"]))
+    if kind == "control":
+        return draw(st.sampled_from([b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b'INFO {"max_payload":1024}\r\n',
+                                     b"-ERR 'Unknown Subject'\r\n"]))
+    subject, sid = draw(tokens), draw(st.integers(1, 10**6))
+    reply, body = draw(st.none() | tokens), draw(st.binary(max_size=40))
+    at = b" ".join([subject, str(sid).encode()] + ([reply] if reply else []))
+    if kind == "msg":
+        return b"MSG %s %d\r\n%s\r\n" % (at, len(body), body)
+    block = draw(header_blocks)
+    return b"HMSG %s %d %d\r\n%s%s\r\n" % (at, len(block), len(block) + len(body), block, body)
+
+
+# Lines only a broken or hostile server would write: what nats-py's expressions make of them
+# (a message, a ProtocolError, a wait for more) is what the mesh's parser must make of them too.
+odd_lines = st.builds(lambda op, rest: op + rest + b"\r\n", st.sampled_from([b"MSG", b"HMSG", b"MSG ", b"HMSG "]),
+                      st.binary(max_size=20)
+                      | st.text(st.sampled_from(" \t\r\n\x0b19a+_-"), max_size=20).map(str.encode))
+
+
+async def _parse_all(parser: Any, chunks: list[bytes]) -> tuple[Any, ...]:
+    from nats.protocol.parser import AWAITING_MSG_PAYLOAD
+
+    try:
+        for chunk in chunks:
+            await parser.parse(chunk)
+    except Exception as exc:  # (the outcome compared: nats-py's ProtocolError, or none)
+        return ("raised", type(exc).__name__, str(exc))
+    waiting = (parser.needed, parser.header_needed, parser.msg_arg) if parser.state == AWAITING_MSG_PAYLOAD else ()
+    return ("state", parser.state, bytes(parser.buf), waiting)  # (sizes and args matter while a body is awaited)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(messages() | odd_lines, min_size=1, max_size=12), st.lists(st.integers(0, 2000), max_size=6),
+       st.none() | st.frozensets(st.integers(1, 10**6), max_size=3))
+async def test_the_reader_hands_over_what_nats_pys_parser_does(items: list[bytes], cuts: list[int],
+                                                               direct: frozenset[int] | None) -> None:
+    from nats.protocol.parser import Parser
+
+    from plugin_sdk._parser import MeshParser
+
+    stream = b"".join(items)
+    at = sorted({min(c, len(stream)) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *at], [*at, len(stream)], strict=True)]
+    theirs, ours = _Recorder(), _Recorder(direct)
+    expected = await _parse_all(Parser(theirs), chunks)
+    got = await _parse_all(MeshParser(ours), chunks)  # type: ignore[arg-type]
+    assert ours.calls == theirs.calls
+    assert got == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(header_lines | st.binary(max_size=40), st.sampled_from([b"", b" 503", b"\r\nMesh: ", b"\r\nMesh:"]),
+       st.sampled_from([b"\r\n\r\n", b"\r\n", b""]))
+def test_the_direct_path_reads_a_header_block_as_nats_py_does(raw: bytes, head: bytes, end: bytes) -> None:
+    from plugin_sdk._connection import MeshClient
+
+    nc = MeshClient()
+    got: list[Any] = []
+    nc._direct[1] = lambda subject, reply, data, headers: got.append(headers)
+    nc._subs[1] = object()  # type: ignore[assignment]
+    block = b"NATS/1.0" + head + raw + end
+    if nc.deliver_direct(1, b"s", b"", b"", block):
+        # (what it reads inline, it reads as nats-py's line parser would; the rest goes to _process_headers)
+        assert block[8:10] == b"\r\n" and len(block) > 10
+        assert got == [Client._parse_header_lines(block[10:]) or None]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.none() | st.dictionaries(st.sampled_from([H_ENVELOPE, H_METADATA, "traceparent"]), st.text(max_size=40)
+                                   | st.sampled_from(["1;id=a;src=b", "1;src=s;inst=s-1;op=x;kind=query", "1;id=",
+                                                      '{"k":"v"}', "[1]", "1; id = a"]), max_size=3),
+       st.binary(max_size=12) | st.sampled_from([b"", b"null", b'{"a":1}']))
+def test_an_event_is_built_as_message_from_builds_it(headers: dict[str, str] | None, data: bytes) -> None:
+    from plugin_sdk._wire import event_from, message_from, parse_envelope
+
+    def built(make: Any) -> Any:
+        try:
+            message = make()
+        except InvalidMessage as exc:
+            return ("invalid", str(exc))
+        fields = message.model_dump()
+        if not parse_envelope(headers).get("id"):  # (no id was sent: each makes up its own)
+            fields.pop("id")
+        return fields, message.model_fields_set
+
+    assert built(lambda: event_from(data, headers, "a.b")) == built(
+        lambda: message_from(data, headers, target="a.b", kind=MessageKind.EVENT))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, 5000) | st.sampled_from([0.0, 1e-6, 1.5e-6, 2e-3]), max_size=40))
+def test_counting_a_burst_of_events_counts_each_one(durations: list[float]) -> None:
+    from pytest import approx
+
+    from plugin_sdk._metrics import RuntimeStats
+
+    one, many = RuntimeStats(), RuntimeStats()
+    ep_one, ep_many = one.endpoint("e", "s"), many.endpoint("e", "s")
+    for seconds in durations:
+        one.record(ep_one, "event", seconds, None)
+    many.record_many(ep_many, "event", durations)
+    if not durations:
+        assert "event" not in many.kinds
+        return
+    for a, b in ((one.kinds["event"].total, many.kinds["event"].total),
+                 (one.kinds["event"].current, many.kinds["event"].current)):
+        assert (a.counts, a.count, a.max) == (b.counts, b.count, b.max)
+        assert b.total == approx(a.total)
+    assert (ep_many.num_requests, ep_many.processing_time) == (ep_one.num_requests, approx(ep_one.processing_time))
+
+
 # -- end to end: a plugin on a MeshClient (the direct path) against one on a plain nats-py client ------
 
 class Probe(Plugin):
