@@ -566,6 +566,8 @@ class Side:
     event_loss: list[int] = field(default_factory=list)
     # CPU us per request in the --concurrency in-flight phase, one per round: per process (CPU_ROLES) and "all"
     inflight_cpu_us: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in (*CPU_ROLES, "all")})
+    # CPU us per broadcast in each round's broadcast phase: per role ("responder": all --instances of them) and "all"
+    bcast_cpu_us: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in (*CPU_ROLES, "all")})
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -676,11 +678,16 @@ class Bench:
                 "registry": [procs[REGISTRY].pid] if side == "mesh" else [],
                 "nats-server": self.net.pids}
 
-    def cpu(self, side: str) -> dict[str, float]:
-        """CPU seconds so far of every process of ``side``, summed per role (the raw side's registry: 0)."""
+    def cpu(self, side: str, *, every_responder: bool = False) -> dict[str, float]:
+        """CPU seconds so far of every process of ``side``, summed per role (the raw side's registry: 0);
+        ``every_responder``: the broadcast's responders, all of the side's echo processes."""
         out = {"client": time.process_time()}
-        for role, pids in self.cpu_pids(side).items():
-            out[role] = sum(cpu_seconds(pid) for pid in pids)
+        pids = self.cpu_pids(side)
+        if every_responder:
+            prefix = "raw-echo-" if side == "raw" else "echo-"
+            pids["responder"] = [p.pid for name, p in self.children.procs.items() if name.startswith(prefix)]
+        for role, role_pids in pids.items():
+            out[role] = sum(cpu_seconds(pid) for pid in role_pids)
         return out
 
     def mesh_host(self, name: str, ref: str, slot: int) -> None:
@@ -838,8 +845,15 @@ class Bench:
             await sequential(op, max(10, c.warmup // 5))
         for r in range(c.rounds):
             for side in alternate(r):
+                before = self.cpu(side, every_responder=True)
                 latencies, _ = await sequential(ops[side], c.broadcasts)
-                self.sides[side].bcast_latency += latencies
+                after = self.cpu(side, every_responder=True)
+                s = self.sides[side]
+                s.bcast_latency += latencies
+                per = {role: (after[role] - before[role]) / c.broadcasts * 1e6 for role in CPU_ROLES}
+                for role, value in per.items():
+                    s.bcast_cpu_us[role].append(value)
+                s.bcast_cpu_us["all"].append(sum(per.values()))
             progress(f"broadcast round {r + 1}/{c.rounds}")
 
     async def events(self, targets: dict[str, EventTarget]) -> None:
@@ -931,6 +945,8 @@ def rows(b: Bench) -> list[Row]:
             statistics.median(msh.publish_rate), True),
         *(Row(cpu_measure(role, conc), "us", median(raw.inflight_cpu_us[role]), median(msh.inflight_cpu_us[role]),
               False) for role in ("all", "client", "responder", "nats-server")),
+        *(Row(bcast_cpu_measure(role, n), "us", median(raw.bcast_cpu_us[role]), median(msh.bcast_cpu_us[role]),
+              False) for role in ("all", "client", "responder", "nats-server")),
     ]
 
 
@@ -938,6 +954,12 @@ def cpu_measure(role: str, concurrency: int) -> str:
     if role == "all":
         return f"CPU us/request at {concurrency} in flight, all processes"
     return f"CPU us/request, {role}"
+
+
+def bcast_cpu_measure(role: str, instances: int) -> str:
+    if role == "all":
+        return f"CPU us/broadcast to {instances}, all processes"
+    return f"CPU us/broadcast, {f'the {instances} responders' if role == 'responder' else role}"
 
 
 def median(values: list[float]) -> float:
@@ -991,6 +1013,8 @@ def print_report(table: list[Row], checks: list[Goal], b: Bench, machine: dict[s
     only = "(mesh only) "
     print(f"{only + 'CPU us/request, registry':<{width}}  {'us':>6}  {'':>10}  "
           f"{fmt(median(b.sides['mesh'].inflight_cpu_us['registry'])):>10}")
+    print(f"{only + 'CPU us/broadcast, registry':<{width}}  {'us':>6}  {'':>10}  "
+          f"{fmt(median(b.sides['mesh'].bcast_cpu_us['registry'])):>10}")
     if b.registry_lookup:
         print(f"{only + 'registry list_plugins p50':<{width}}  {'us':>6}  {'':>10}  "
               f"{fmt(percentile(b.registry_lookup, 50) * 1e6):>10}")
@@ -1066,6 +1090,8 @@ def to_json(table: list[Row], checks: list[Goal], b: Bench, machine: dict[str, A
             "bcast_latency_us": {f"p{q}": percentile(s.bcast_latency, q) * us for q in (50, 90, 99)},
             "inflight_cpu_us_per_request_per_round": s.inflight_cpu_us,
             "inflight_cpu_us_per_request": {role: median(v) for role, v in s.inflight_cpu_us.items()},
+            "bcast_cpu_us_per_broadcast_per_round": s.bcast_cpu_us,
+            "bcast_cpu_us_per_broadcast": {role: median(v) for role, v in s.bcast_cpu_us.items()},
         }
 
     servers = [f"nats-server {n.name}" for n in b.net.nodes] if b.net.cluster else ["nats-server"]
