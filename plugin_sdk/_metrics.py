@@ -134,12 +134,7 @@ class RuntimeStats:
 
     def record(self, ep: EndpointStats | None, kind: str, seconds: float, error: str | None) -> None:
         """Count one handled message of ``kind`` that took ``seconds``; ``error`` is its failure, if any."""
-        ks = self.kinds.get(kind)
-        if ks is None:
-            ks = self.kinds[kind] = _KindStats()
-        now = time.monotonic()
-        if now - self.window_started >= WINDOW:
-            self._rotate(now)
+        ks = self._kind(kind)
         i = bucket(seconds)
         ks.total.record(seconds, i)
         ks.current.record(seconds, i)
@@ -160,12 +155,7 @@ class RuntimeStats:
             if durations:
                 self.record(ep, kind, durations[0], None)
             return
-        ks = self.kinds.get(kind)
-        if ks is None:
-            ks = self.kinds[kind] = _KindStats()
-        now = time.monotonic()
-        if now - self.window_started >= WINDOW:
-            self._rotate(now)
+        ks = self._kind(kind)
         total, current = ks.total, ks.current
         t_counts, c_counts = total.counts, current.counts
         log, last = math.log, _BUCKETS - 1
@@ -187,6 +177,16 @@ class RuntimeStats:
         if ep is not None:
             ep.num_requests += n
             ep.processing_time += spent
+
+    def _kind(self, kind: str) -> _KindStats:
+        """The stats of ``kind``, its window rotated first if it is over."""
+        ks = self.kinds.get(kind)
+        if ks is None:
+            ks = self.kinds[kind] = _KindStats()
+        now = time.monotonic()
+        if now - self.window_started >= WINDOW:
+            self._rotate(now)
+        return ks
 
     def _rotate(self, now: float) -> None:
         stale = now - self.window_started >= 2 * WINDOW  # nothing at all in the last window
