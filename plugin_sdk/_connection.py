@@ -147,6 +147,7 @@ class MeshClient(Client):
 
     def __init__(self) -> None:
         super().__init__()
+        _raise_mmap_threshold()
         self._ps = MeshParser(self)  # (nats-py's, with messages parsed in one pass: _parser.py)
         #: Messages dropped because the subscription's pending queue was full, by subscription subject.
         self.dropped: Counter[str] = Counter()
@@ -485,6 +486,27 @@ class _Done:
 
 
 _KICK: Any = _Done()
+
+
+#: asyncio's socket transport receives every read into a new 256 KiB ``bytes`` (``recv(max_size)``,
+#: then shrunk to what came). glibc's malloc maps a block that large afresh when its heap cannot
+#: serve it and the block is above its mmap threshold, which starts at 128 KiB and rises to the size
+#: of the largest mapped block freed so far (mallopt(3), "dynamic mmap threshold"). Whether a process
+#: ever freed one larger than 256 KiB depends on everything it did before: a plugin host answering
+#: broadcasts on 3.11 had not, and paid an ``mmap``, a ``mremap``, a ``munmap`` and two page faults
+#: for every message it read. Freeing one mapped block above that size, once per process, raises the
+#: threshold (and the heap's trim threshold with it) as any such free would: reads then stay in the
+#: heap. Where the allocator is not glibc's (musl, macOS) this is one short-lived allocation.
+_MMAP_FLOOR: Final = 512 * 1024
+_mmap_raised = False
+
+
+def _raise_mmap_threshold() -> None:
+    global _mmap_raised
+    if not _mmap_raised:
+        _mmap_raised = True
+        block = bytes(_MMAP_FLOOR)  # mapped (above the initial threshold), freed at once
+        del block
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
