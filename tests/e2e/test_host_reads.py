@@ -11,6 +11,7 @@ process did before. A plugin host on a server of its own, answering broadcasts o
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import sys
 from collections.abc import AsyncIterator
@@ -45,7 +46,11 @@ async def own_mesh(tmp_path: Path) -> AsyncIterator[tuple[Mesh, PluginMessaging]
     finally:
         await m.close()
         registry.terminate()
-        await registry.wait()
+        try:
+            await asyncio.wait_for(registry.wait(), 15)
+        except TimeoutError:
+            registry.kill()
+            await registry.wait()
         await close(nc)
         server.stop()
 
