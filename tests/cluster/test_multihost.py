@@ -20,7 +20,7 @@ import pytest
 
 from mesh import close, connect
 from mesh._connect import ClientSecurity
-from plugin_sdk import Health, PluginMessaging, PluginRegistry, RequestTimeout
+from plugin_sdk import Health, PluginInfo, PluginMessaging, PluginRegistry, RequestTimeout
 from plugin_sdk.host import Retry, Subjects
 from tests.cluster.conftest import Tally, missing_writes, put_traffic
 from tests.cluster.netns import Host, Hosts, loopback_hosts, netns_unavailable
@@ -194,13 +194,17 @@ async def test_a_cut_link_marks_that_hosts_instances_unhealthy_and_loses_nothing
         registry = PluginRegistry(nc, prefix=prefix, retry=Retry(within=5))
         messaging = PluginMessaging(nc, prefix=prefix, source="test")
 
-        async def health_on(agent: str) -> Health | None:
+        async def info_on(agent: str) -> PluginInfo | None:
             try:
                 infos = await registry.list_plugins("keeper")
             except RequestTimeout:  # a registry replica on the cut host, picked before its route is dead
                 return None
             found = [i for i in infos if i.agent == agent]
-            return found[0].health if found else None
+            return found[0] if found else None
+
+        async def health_on(agent: str) -> Health | None:
+            info = await info_on(agent)
+            return info.health if info else None
 
         await eventually(lambda: _is(health_on("host-2"), Health.HEALTHY), timeout=30, what="keeper on host-2")
         await eventually(lambda: _is(health_on("host-1"), Health.HEALTHY), timeout=30, what="keeper on host-1")
@@ -213,7 +217,20 @@ async def test_a_cut_link_marks_that_hosts_instances_unhealthy_and_loses_nothing
                              what="host-2's keeper unhealthy while cut")
             during = tally.answered
             await eventually(lambda: _more(tally, during + 20), timeout=60, what="answers from host-1 while cut")
-            assert await health_on("host-1") == Health.HEALTHY
+            # host-1's keeper answered all along; the registry may still call it unhealthy for a few
+            # seconds here (seen once in a loaded CI run, reason not recorded): its beats are written
+            # to the registry's bucket, which has to elect a new leader if its leader was on host-2.
+            # So: healthy within the cut, with what the registry said printed if it never is.
+            said: list[PluginInfo | None] = [None]
+
+            async def host_1_healthy() -> bool:
+                said[0] = await info_on("host-1")
+                return said[0] is not None and said[0].health == Health.HEALTHY
+
+            try:
+                await eventually(host_1_healthy, timeout=30, what="host-1's keeper healthy while host-2 is cut")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the registry said: {said[0]!r}") from None
         finally:
             hosts[2].restore()
         await eventually(lambda: _is(health_on("host-2"), Health.HEALTHY), timeout=90,
