@@ -11,7 +11,6 @@ process did before. A plugin host on a server of its own, answering broadcasts o
 
 from __future__ import annotations
 
-import asyncio
 import platform
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ import pytest
 
 from mesh import NatsServer, close, connect
 from plugin_sdk import PluginMessaging, PluginRegistry
-from tests.conftest import Mesh, start_registry
+from tests.conftest import Mesh, PluginProc, start_registry
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's dynamic mmap threshold, and page faults read from /proc")
@@ -39,18 +38,13 @@ async def own_mesh(tmp_path: Path) -> AsyncIterator[tuple[Mesh, PluginMessaging]
     server.start()
     nc = await connect(server.url, name="test")
     client = PluginRegistry(nc, prefix="t")
-    registry = await start_registry(server.url, "t", tmp_path / "registry.log", client)
+    log = tmp_path / "registry.log"
     m = Mesh(server.url, "t", tmp_path, client)
+    m.procs.append(PluginProc("registry", await start_registry(server.url, "t", log, client), log))  # m.close stops it
     try:
         yield m, PluginMessaging(nc, prefix="t", source="test", registry=client, default_timeout=5)
     finally:
         await m.close()
-        registry.terminate()
-        try:
-            await asyncio.wait_for(registry.wait(), 15)
-        except TimeoutError:
-            registry.kill()
-            await registry.wait()
         await close(nc)
         server.stop()
 
