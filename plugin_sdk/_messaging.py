@@ -445,8 +445,11 @@ class PluginMessaging:
             gathering.look(lookup, self._expected)
         finally:
             self._own_inboxes.discard(inbox)
-            lookup.cancel()
-            await asyncio.gather(lookup, return_exceptions=True)
+            if not lookup.done():
+                lookup.cancel()
+                await asyncio.gather(lookup, return_exceptions=True)
+            elif not lookup.cancelled():
+                lookup.exception()  # (retrieved, with no loop turn: it is done, and _expected took it or it was left)
             if sub is None:
                 self._nc.end_gather(token)  # type: ignore[attr-defined]
             else:
