@@ -241,8 +241,12 @@ class MeshClient(Client):
         and what arrives meanwhile is buffered and read the usual way. EOF, a transport error and
         a parser error end the loop as nats-py's does."""
         reader = getattr(self._transport, "_io_reader", None)
-        if not isinstance(reader, asyncio.StreamReader) or "feed_data" in vars(reader):
-            await super()._read_loop()  # (another transport: websocket; or a loop already on this reader)
+        if (not isinstance(reader, asyncio.StreamReader) or "feed_data" in vars(reader)
+                or not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)):
+            # Another transport (websocket), a loop already on this reader, or another event loop
+            # than asyncio's own: on uvloop, where a read's callback is already cheap, parsing there
+            # cost 6-9 % of 64-in-flight throughput in A/B runs (docs/performance.md).
+            await super()._read_loop()
             return
         inline = _InlineReads(self, reader)
         try:
