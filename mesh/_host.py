@@ -8,6 +8,7 @@ SIGTERM/SIGINT or a control ``stop``; then drains, stops, cleans up and unregist
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import logging
 import os
@@ -94,6 +95,19 @@ def supervision_from_env() -> dict[str, object]:
     return out
 
 
+def release_startup_memory() -> bool:
+    """Hand the heap pages that start-up used and freed (imports, model building, the connect) back
+    to the OS: glibc keeps them mapped, and an idle host would carry them for its whole life. One
+    ``malloc_trim(0)`` once the plugin serves: 1.85 MB of an idle host's RSS, in 0.4 ms (3.11 and
+    3.13, docs/performance.md). False where the C library has none (musl, macOS): nothing to do."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str | None = None,
                      prefix: str = "mesh", heartbeat_interval: float = 2.0, connect_wait: float = 10.0,
                      instance_id: str | None = None, ready: asyncio.Event | None = None) -> int:
@@ -112,6 +126,7 @@ async def run_plugin(ref: str, *, config_path: str | None = None, nats_url: str 
         with stop_on_signals(runtime.stop_requested):
             await runtime.start()
             log.info("%s %s serving as %s", config.name, config.version, runtime.instance_id)
+            release_startup_memory()
             if ready is not None:
                 ready.set()
             await runtime.stop_requested.wait()
