@@ -65,7 +65,9 @@ from ._wire import (
     error_reply,
     event_from,
     flush_subscriptions,
+    header_block,
     health_event,
+    hpub_command,
     message_from,
     message_from_msg,
     parse_envelope,
@@ -136,6 +138,8 @@ class PluginRuntime:
         self._subs: list[Subscription] = []
         self._lanes: list[_EventLane] = []  # @on_event subscriptions on the direct path
         self._prebuilt = getattr(nc, "send_prebuilt", None)  # (a MeshClient: replies as protocol lines)
+        # A broadcast's successful reply names this instance, always in the same header block.
+        self._broadcast_block = header_block(success_reply(None, instance=self.instance_id)[1] or {})
         self._inflight: dict[asyncio.Task[None], float] = {}  # handler task → deadline (loop time)
         self._queue: deque[_Job] = deque()  # requests waiting for a handler slot, oldest first
         self._stopping_queue = False  # stop() is answering what is left: start nothing more
@@ -565,10 +569,15 @@ class PluginRuntime:
             self._instruments.record(kind, elapsed)
         if job.reply:
             try:
-                if reply_headers is None and self._prebuilt is not None and len(body) <= self.nc.max_payload:
-                    # (send_reply's common case inline: a success, no header, within the server's limit)
-                    await self._prebuilt(f"PUB {job.reply}  {len(body)}\r\n".encode() + body + b"\r\n", len(body))
-                    return
+                if self._prebuilt is not None and failure is None:  # (send_reply's common cases inline)
+                    if reply_headers is None and len(body) <= self.nc.max_payload:  # a direct success: no header
+                        await self._prebuilt(f"PUB {job.reply}  {len(body)}\r\n".encode() + body + b"\r\n",
+                                             len(body))
+                        return
+                    block = self._broadcast_block  # a broadcast's success: this instance's block, built once
+                    if job.broadcast and len(block) + len(body) <= self.nc.max_payload:
+                        await self._prebuilt(hpub_command(job.reply, "", block, body), len(body))
+                        return
                 await send_reply(self.nc, job.reply, body, reply_headers, message_id=message_id,
                                  instance=self.instance_id, plugin=self.config.name)
             except nats.errors.Error as exc:
