@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from plugin_sdk import ConfigError, __version__
-from plugin_sdk.host import NatsCluster, NatsServer, Subjects, check_protocol, free_port
+from plugin_sdk.host import (
+    NatsCluster,
+    NatsServer,
+    Subjects,
+    check_protocol,
+    control_subject,
+    free_port,
+    parse_urls,
+)
 
 from . import _loop
 from ._agent import Agent
@@ -144,6 +153,46 @@ async def start_in_order(agent: Agent, levels: list[Level], *, base_dir: Path,
         await asyncio.gather(*(agent.wait_healthy(i, timeout=START_TIMEOUT) for i in ids))
         say(f"ready: {names}")
     return started
+
+
+#: Seconds `mesh up` waits, per node of its cluster, for every started instance to be reachable there.
+REACH_TIMEOUT = 10.0
+
+
+async def reachable_through_every_node(url: str, instances: list[tuple[str, str]], *,
+                                       security: ClientSecurity | None, say: Callable[[str], None]) -> None:
+    """In a cluster, until a request through each node reaches every started instance.
+
+    An instance is healthy once its own node has its subscriptions; the other nodes learn of them
+    over the routes, a little later (or once a route the cluster did not need for JetStream comes
+    up). `mesh send` through another node in between got "no responders". Each instance answers
+    NATS micro's ``$SRV.PING.<name>.<id>``, which it subscribes to after its other subjects, so a
+    node that routes the ping routes the instance's requests too. Bounded by :data:`REACH_TIMEOUT`
+    per node; past it, says which instance is not reachable through which node, and goes on.
+    """
+    nodes = parse_urls(url)
+    if len(nodes) < 2 or not instances:
+        return
+    for node in nodes:
+        nc = await connect(node, name="mesh up (reach)", wait=5, security=security)
+        try:
+            deadline = time.monotonic() + REACH_TIMEOUT
+            for name, ident in instances:
+                subject = control_subject("PING", name, ident)
+                while True:
+                    try:
+                        await nc.request(subject, b"", timeout=1.0)
+                        break
+                    except nats.errors.NoRespondersError:
+                        if time.monotonic() > deadline:
+                            say(f"warning: {ident} is not reachable through {redact(node)} yet "
+                                f"(no route to its node's subscriptions after {REACH_TIMEOUT:g}s)")
+                            break
+                        await asyncio.sleep(0.05)
+                    except nats.errors.TimeoutError:
+                        break  # (routed there, just slow to answer: reachable)
+        finally:
+            await close(nc)
 
 
 async def stop_in_reverse(agent: Agent, started: list[list[str]]) -> None:
@@ -312,6 +361,8 @@ async def _serve(url: str, levels: list[Level], *, prefix: str, heartbeat: float
                 cwd=base_dir, auth=secured.auth, trust_dir=secured.trust_dir,
                 require_signatures=secured.trust_dir is not None, replicas=replicas) as agent:
             started = await start_in_order(agent, levels, base_dir=base_dir, say=say)
+            await reachable_through_every_node(url, [(agent.placements[i].name, i) for ids in started for i in ids
+                                                     if i in agent.placements], security=secured.client, say=say)
             say(f"up on {redact(url)} (prefix {prefix!r}); Ctrl-C stops it")
             if await wait_any(stop, registry.failed) is registry.failed:
                 say("the registry failed (see the log above); stopping")

@@ -27,6 +27,7 @@ from ._connection import MeshClient, close, connect, parse_urls, redact
 from ._durable import DurableKV, Retry, transient
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
+from ._micro import control_subject
 from ._runtime import check_protocol, new_instance_id
 from ._state import OPEN_RETRY, open_bucket, passing_open, too_few_nodes
 from ._tasks import TaskOwner, every
@@ -95,6 +96,7 @@ __all__ = [
     "child_preexec",
     "close",
     "connect",
+    "control_subject",
     "drain_all",
     "dumps",
     "envelope_tail",
