@@ -65,13 +65,15 @@ from plugin_sdk.host import (
     version_matches,
 )
 
-from ._service import json_handler
+from ._service import json_handler, subscribe_handler
 
 __all__ = ["RegistryService"]
 
 log = logging.getLogger("mesh.registry")
 
 QUEUE = "registry"
+#: The verbs that only read the cache: served side by side, on the direct path.
+READS = frozenset({"get", "list", "versions"})
 #: The registry's envelope tail: its events come from source ``registry``.
 _TAIL = envelope_tail("registry", None)
 
@@ -99,6 +101,7 @@ class RegistryService:
         self._store: DurableKV | None = None
         self._cache = _Cache()
         self._subs: list[Subscription] = []
+        self._reads: set[asyncio.Task[None]] = set()  # read requests being answered (subscribe_handler)
         #: The one owner of the KV watcher and the sweeper; either dying by surprise fails the service.
         self._tasks = TaskOwner("registry", log, on_failure=lambda name, exc: self.failed.set())
         #: Set when a loop of this replica died: it can no longer serve correctly (``mesh registry`` exits 1).
@@ -154,9 +157,13 @@ class RegistryService:
             "list": self._list, "versions": self._list_versions,
         }
         for verb, fn in handlers.items():
-            self._subs.append(await self.nc.subscribe(self.subjects.registry(verb), queue=QUEUE,
-                                                      cb=json_handler(self.nc, "registry", verb, fn,
-                                                                      instance="registry", log=log, group=QUEUE)))
+            cb = json_handler(self.nc, "registry", verb, fn, instance="registry", log=log, group=QUEUE)
+            subject = self.subjects.registry(verb)
+            if verb in READS:  # (side by side, on the direct path: a broadcast's lookup is one of these)
+                self._subs.append(await subscribe_handler(self.nc, subject, cb, queue=QUEUE, running=self._reads,
+                                                          log=log))
+            else:  # writes one at a time, in order, as nats-py runs a subscription's callbacks
+                self._subs.append(await self.nc.subscribe(subject, queue=QUEUE, cb=cb))
         # An instance writes its own entry on <verb>.<its id> (the only registry writes a plugin's
         # credentials allow); the id in the subject must be the entry's. The plain subjects stay for
         # the admin (the agent marking an instance failed, the CLI) and for meshes without --secure.
@@ -176,6 +183,11 @@ class RegistryService:
         subs, self._subs = self._subs, []
         if not await drain_all(subs, timeout=5.0):
             log.warning("registry subscriptions did not drain within 5s; unsubscribed")
+        if self._reads:  # reads handed over before the drain: answered, within the drain's bound
+            _, late = await asyncio.wait(set(self._reads), timeout=5.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self._tasks.close()
 
     # -- the cache ---------------------------------------------------------------------

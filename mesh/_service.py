@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from plugin_sdk import ConfigError, ErrorInfo, InvalidMessage, PluginError
-from plugin_sdk.host import error_reply, loads, send_reply, success_reply, tracing
+from plugin_sdk.host import error_reply, loads, send_reply, start_task, success_reply, tracing
 
 __all__ = ["json_handler", "stop_on_signals", "wait_any"]
 
@@ -47,9 +48,39 @@ async def wait_any(*events: asyncio.Event) -> asyncio.Event:
         await asyncio.gather(*waiters, return_exceptions=True)
 
 
+async def subscribe_handler(nc: NATS, subject: str, handler: Callable[[Msg], Coroutine[Any, Any, None]], *,
+                            queue: str, running: set[asyncio.Task[None]], log: logging.Logger) -> Subscription:
+    """Subscribe ``handler`` (a :func:`json_handler`) to ``subject``, for requests that may run side by
+    side (reads). On a MeshClient it is served on the direct path: the reader hands each request
+    over, and it runs in a task of its own (eager on 3.12+, so one that never waits answers in
+    place), kept in ``running`` until it ends; no queue and no task hop of nats-py's. Elsewhere, as
+    nats-py's callback."""
+    direct = getattr(nc, "subscribe_direct", None)
+    if direct is None:
+        return await nc.subscribe(subject, queue=queue, cb=handler)
+    loop = asyncio.get_running_loop()
+
+    def ended(task: asyncio.Task[None]) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # (json_handler answers every failure)
+            log.error("%s: handler raised", subject, exc_info=task.exception())
+
+    def on_request(subj: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        task = start_task(handler(Msg(_client=nc, subject=subj.decode(), reply=reply.decode(), data=data,
+                                      headers=headers)), loop)
+        if task.done():
+            ended(task)
+        else:
+            running.add(task)
+            task.add_done_callback(ended)
+
+    sub: Subscription = await direct(subject, on_request, queue=queue)
+    return sub
+
+
 def json_handler(nc: NATS, service: str, verb: str, fn: Callable[..., Awaitable[Any]], *, instance: str,
                  log: logging.Logger, group: str | None = None, with_subject: bool = False,
-                 span_subject: str | None = None) -> Callable[[Msg], Awaitable[None]]:
+                 span_subject: str | None = None) -> Callable[[Msg], Coroutine[Any, Any, None]]:
     """A subscription callback: JSON request in, ``fn``'s result out, every failure as a typed error.
 
     ``service`` names the answerer in errors (``ErrorInfo.plugin``); ``instance`` goes in the reply

@@ -19,7 +19,7 @@ from typing import Any
 import nats.errors
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from plugin_sdk import ConfigError, __version__
+from plugin_sdk import ConfigError, ConnectionFailed, __version__
 from plugin_sdk.host import (
     NatsCluster,
     NatsServer,
@@ -174,7 +174,11 @@ async def reachable_through_every_node(url: str, instances: list[tuple[str, str]
     if len(nodes) < 2 or not instances:
         return
     for node in nodes:
-        nc = await connect(node, name="mesh up (reach)", wait=5, security=security)
+        try:
+            nc = await connect(node, name="mesh up (reach)", wait=5, security=security)
+        except ConnectionFailed as exc:  # (a node of a --nats list may be down: the others still serve)
+            say(f"warning: cannot check what is reachable through {redact(node)}: {exc}")
+            continue
         try:
             deadline = time.monotonic() + REACH_TIMEOUT
             for name, ident in instances:

@@ -269,3 +269,17 @@ async def test_an_instance_subject_writes_only_that_instances_entry(
     await eventually(marker, what="the later heartbeat to land")
     victim = await client.get_plugin("victim-1")
     assert victim is not None and victim.version == "1.0.0"  # neither overwritten nor removed
+
+
+async def test_reads_are_served_on_the_direct_path_and_writes_in_order(nc: NATS, prefix: str,
+                                                                       registry: RegistryService,
+                                                                       client: PluginRegistry) -> None:
+    # A broadcast's lookup (list) goes through the reader straight to its handler, with no queue or
+    # task hop of nats-py's; writes stay nats-py callbacks, one at a time and in order.
+    direct = {sub.subject for sub in registry._subs if sub._id in nc._direct}  # type: ignore[attr-defined]
+    assert {f"{prefix}.registry.{verb}" for verb in ("get", "list", "versions")} <= direct, direct
+    assert not {f"{prefix}.registry.register", f"{prefix}.registry.unregister"} & direct, direct
+    await client.register_plugin(info("svc-1", interval=30))
+    answers = await asyncio.gather(*(client.list_ids() for _ in range(50)), client.get_plugin("svc-1"))
+    assert all(ids == ["svc-1"] for ids in answers[:-1]) and answers[-1].id == "svc-1"  # type: ignore[union-attr]
+    assert not registry._reads  # every read answered and let go
