@@ -33,7 +33,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import nats.errors
-from nats.aio.client import Client
+from nats.aio.client import DEFAULT_BUFFER_SIZE, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR, STALE_CONNECTION
@@ -239,7 +239,8 @@ class MeshClient(Client):
         ``epoll_wait``) less per read, on every path. Reads are parsed in the order they came: a
         parse that has to wait (inside nats-py: a callback that awaits) is finished by this task,
         and what arrives meanwhile is buffered and read the usual way. EOF, a transport error and
-        a parser error end the loop as nats-py's does."""
+        a parser error end the loop as nats-py's does (its exception ladder, repeated here: nats-py's
+        loop has no hook to reuse). On asyncio's own event loops only."""
         reader = getattr(self._transport, "_io_reader", None)
         if (not isinstance(reader, asyncio.StreamReader) or "feed_data" in vars(reader)
                 or not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)):
@@ -260,7 +261,7 @@ class MeshClient(Client):
                         await self._process_op_err(err)
                         break
                     if reader._buffer:  # type: ignore[attr-defined]  # (bytes that came while a parse waited)
-                        await self._ps.parse(await self._transport.read(_READ_SIZE))
+                        await self._ps.parse(await self._transport.read(DEFAULT_BUFFER_SIZE))
                         continue
                     rest = await inline.park()
                     if rest is not None:
@@ -522,10 +523,6 @@ _ENVELOPE_AT: Final = len(_ENVELOPE_ONLY)
 DirectHandler = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
 
 
-#: What the buffered path reads at once (nats-py's read loop reads as much).
-_READ_SIZE: Final = 32768
-
-
 class _InlineReads:
     """The read loop's half of :meth:`MeshClient._read_loop`: the reader's ``feed_data``, replaced on
     this one ``StreamReader`` while the loop is parked, parses each read as it comes."""
@@ -586,19 +583,16 @@ class _Rest:
 
     def __await__(self) -> Generator[Any, Any, None]:
         coro, yielded = self.coro, self.yielded
-        while True:
-            try:
-                sent = yield yielded
-            except BaseException as exc:  # (cancelled while it waited: into the parse, as a task would)
+        try:
+            while True:
                 try:
+                    sent = yield yielded
+                except BaseException as exc:  # (cancelled while it waited: into the parse, as a task would)
                     yielded = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
+                else:
                     yielded = coro.send(sent)
-                except StopIteration:
-                    return
+        except StopIteration:
+            return
 
 
 class _Done:

@@ -513,7 +513,7 @@ class PluginRuntime:
 
     def _start(self, job: _Job, *, refuse: PluginError | None = None) -> None:
         """Run ``job`` in a task of its own; with ``refuse``, answer it with that error instead."""
-        task = _start_task(self._handle(job, refuse), self._loop)
+        task = start_task(self._handle(job, refuse), self._loop)
         if not task.done():  # (3.12+: a handler that never waits has already finished, in place)
             self._inflight[task] = job.deadline
             task.add_done_callback(self._done)
@@ -768,7 +768,7 @@ DEADLINE_TICK = 0.05
 LIFECYCLE_RETRY = 2.0
 
 
-def _start_task(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
+def start_task(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
     """A task that, on Python 3.12+, runs eagerly: a handler that never waits finishes in place.
 
     Through ``asyncio.eager_task_factory(loop, coro)``, which passes the loop: ``asyncio.Task(coro,

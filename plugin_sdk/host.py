@@ -28,8 +28,7 @@ from ._durable import DurableKV, Retry, transient
 from ._logs import BoundedLog
 from ._message import SERVING, new_id
 from ._micro import control_subject
-from ._runtime import _start_task as start_task
-from ._runtime import check_protocol, new_instance_id
+from ._runtime import check_protocol, new_instance_id, start_task
 from ._state import OPEN_RETRY, open_bucket, passing_open, too_few_nodes
 from ._tasks import TaskOwner, every
 from ._wire import (

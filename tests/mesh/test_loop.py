@@ -91,9 +91,9 @@ def test_the_loop_is_logged_at_the_level_asked(monkeypatch: pytest.MonkeyPatch,
 @needs_uvloop
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are Python 3.12+")
 def test_eager_tasks_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The runtime's handlers start eagerly (plugin_sdk._runtime._start_task): on a uvloop loop too,
+    """The runtime's handlers start eagerly (plugin_sdk._runtime.start_task): on a uvloop loop too,
     from a task and from a plain loop callback (where nats-py delivers a message)."""
-    from plugin_sdk._runtime import _start_task
+    from plugin_sdk._runtime import start_task
 
     monkeypatch.setenv("MESH_LOOP", "uvloop")
     seen: list[str] = []
@@ -108,12 +108,12 @@ def test_eager_tasks_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def main() -> tuple[bool, bool, bool]:
         loop = asyncio.get_running_loop()
-        in_place = _start_task(quick(), loop).done()
-        waiting = _start_task(waits(), loop)
+        in_place = start_task(quick(), loop).done()
+        waiting = start_task(waits(), loop)
         started_at_once = not waiting.done() and seen[-1] == "waits: started"
         await waiting
         from_callback: asyncio.Future[bool] = loop.create_future()
-        loop.call_soon(lambda: from_callback.set_result(_start_task(quick(), loop).done()))
+        loop.call_soon(lambda: from_callback.set_result(start_task(quick(), loop).done()))
         return in_place, started_at_once, await from_callback
 
     assert _loop.run(main()) == (True, True, True)
