@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import nats.errors
 import nats.js.errors
-from nats.js.kv import KeyValue
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.kv import KV_MARKER_REASON, KV_OP, KeyValue
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -151,8 +152,9 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-#: Seconds before asking a bucket that holds messages for its keys once more (see ``DurableKV._keys``).
-KEYS_RECHECK = 0.05
+#: Seconds the server keeps the consumer of a ``keys()`` listing once nobody reads it (as nats-py's
+#: ``keys()``, the listing unsubscribes and leaves the consumer to expire; see ``DurableKV._keys``).
+KEYS_INACTIVE = 5.0
 
 
 def new_msg_id() -> str:
@@ -235,23 +237,35 @@ class DurableKV:
         return await self.retry.run(lambda n: self._keys(), what=f"keys of {self.name}")
 
     async def _keys(self) -> list[str]:
-        """nats-py's ``keys()``, except that a bucket with entries is not reported empty.
+        """The bucket's live keys, counted rather than guessed: nats-py's ``keys()`` is not used.
 
-        nats-py's watcher signals "nothing more" at once when the consumer has nothing pending and
-        the subscription has received nothing yet; an entry already sent but not yet read (in
-        flight behind the consumer-info reply) makes a bucket with keys look empty. Seen once in CI
-        under load (`mesh state keys` printed ``[]`` after `mesh state get` read a key). So a "no
-        keys" from a stream that holds messages is asked once more, after a moment; a second "no
-        keys" is believed (every entry deleted).
+        nats-py's ``keys()`` ends its watch on an "initial marker" put when the consumer reports
+        nothing pending *and* its subscription has received nothing yet; an entry already sent
+        but not yet read (in flight behind the consumer-info reply) makes a bucket with keys look
+        empty. `mesh state keys` printed ``[]`` in CI under load after `mesh state get` read a key,
+        and asking a second time raced the same way in a loaded CI run. Here an ephemeral push
+        consumer (the last entry per key, headers only, no acks) is asked how many messages it
+        has delivered and has still to deliver; exactly that many are read (each within the
+        JetStream timeout), and the keys whose last entry is not a delete or purge are returned.
         """
+        kv, js = self.kv, self.kv._js
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                                headers_only=True, inactive_threshold=KEYS_INACTIVE)
+        sub = await js.subscribe(f"{kv._pre}>", stream=kv._stream, config=config, manual_ack=True)
         try:
-            return await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            info = await self.kv._js.stream_info(self.kv._stream)
-            if not info.state.messages:
-                raise
-        await asyncio.sleep(KEYS_RECHECK)
-        return await self.kv.keys()
+            info = await sub.consumer_info()
+            expected = (info.delivered.consumer_seq if info.delivered else 0) + (info.num_pending or 0)
+            keys: list[str] = []
+            for _ in range(expected):
+                msg = await sub.next_msg(timeout=js._timeout)
+                headers = msg.headers or {}
+                if KV_OP not in headers and KV_MARKER_REASON not in headers:  # (not a delete, purge or expiry)
+                    keys.append(msg.subject[len(kv._pre):])
+                if msg.metadata.num_pending == 0:
+                    break  # the last one (there were fewer than counted: a key purged meanwhile)
+            return keys
+        finally:
+            await sub.unsubscribe()  # (the server removes the consumer once it has no interest: KEYS_INACTIVE)
 
     async def _own_write_after(self, key: str, last: int, msg_id: str) -> int | None:
         """The revision of the first write to ``key`` after revision ``last`` if it carries ``msg_id``."""

@@ -277,12 +277,7 @@ class StateStore:
         await self._do(self._durable.delete(_check_key(key, self.bucket)), "delete", key, write=True)
 
     async def keys(self) -> list[str]:
-        try:
-            return sorted(await self._do(self._durable.keys(), "keys", None))
-        except StateError as exc:
-            if isinstance(exc.__cause__, nats.js.errors.NoKeysError):
-                return []
-            raise
+        return sorted(await self._do(self._durable.keys(), "keys", None))
 
     def _encode(self, key: str, value: Any, *, headers: int) -> bytes:
         """JSON, checked against the plugin's limit and the server's ``max_payload`` before sending
