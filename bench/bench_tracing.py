@@ -245,7 +245,9 @@ class Side:
     inflight_rps: list[float] = field(default_factory=list)
     flush_s: list[float] = field(default_factory=list)  # export: client flush after each segment
     cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))  # in-flight segments
+    seq_cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))  # sequential segments
     inflight_done: int = 0
+    seq_done: int = 0
     sends: int = 0  # requests made on this side (export: the client spans expected)
 
 
@@ -360,7 +362,12 @@ class TracingBench:
     async def sequential(self, side: str, op: Op) -> None:
         n, s = self.counts.seq, self.sides[side]
         self.tracing.use(side)
+        before = self.cpu(side)
         latencies, rps = await sequential(op, n)
+        after = self.cpu(side)  # (before the export flush: the CPU of the requests themselves, at 1 in flight)
+        for role in ROLES:
+            s.seq_cpu_s[role] += after[role] - before[role]
+        s.seq_done += n
         if side == "export":
             flush = self.tracing.flush()
             s.flush_s.append(flush)
@@ -425,9 +432,10 @@ def rows(b: TracingBench) -> list[Row]:
     ]
 
 
-def cpu_per_request(side: Side) -> dict[str, float]:
-    """Microseconds of CPU per request at the in-flight concurrency, per process."""
-    per = {role: side.cpu_s[role] / side.inflight_done * 1e6 for role in ROLES}
+def cpu_per_request(side: Side, sequential: bool = False) -> dict[str, float]:
+    """Microseconds of CPU per request at the in-flight concurrency (or at 1 in flight), per process."""
+    cpu, done = (side.seq_cpu_s, side.seq_done) if sequential else (side.cpu_s, side.inflight_done)
+    per = {role: cpu[role] / done * 1e6 for role in ROLES}
     per["total"] = sum(v for v in per.values() if not math.isnan(v))
     return per
 
@@ -463,6 +471,10 @@ def print_report(table: list[Row], b: TracingBench, machine: dict[str, Any]) -> 
     for side in SIDES:
         per = cpu_per_request(b.sides[side])
         print(f"  {side:<9}" + "".join(f"{per[role]:>15.1f}" for role in (*ROLES, "total")))
+    print("CPU per request at 1 in flight (us; the export thread's batches included, its last flush not):")
+    for side in SIDES:
+        per = cpu_per_request(b.sides[side], sequential=True)
+        print(f"  {side:<9}" + "".join(f"{per[role]:>15.1f}" for role in (*ROLES, "total")))
     flushes = b.sides["export"].flush_s
     if flushes:
         print(f"client flush after each export segment: median {statistics.median(flushes) * 1e3:.1f} ms "
@@ -495,7 +507,9 @@ def to_json(table: list[Row], b: TracingBench, machine: dict[str, Any], elapsed:
     def summary(s: Side) -> dict[str, Any]:
         return {"seq_rps_per_round": s.seq_rps, "inflight_rps_per_round": s.inflight_rps,
                 "seq_latency_us": {f"p{q}": percentile(s.seq_latency, q) * us for q in (50, 90, 99, 99.9)},
-                "cpu_per_request_us": cpu_per_request(s), "flush_s": s.flush_s, "sends": s.sends}
+                "cpu_per_request_us": cpu_per_request(s),
+                "cpu_per_request_1_in_flight_us": cpu_per_request(s, sequential=True),
+                "flush_s": s.flush_s, "sends": s.sends}
 
     return {
         "machine": machine, "counts": asdict(b.counts), "elapsed_s": round(elapsed, 1),

@@ -531,9 +531,15 @@ class PluginRuntime:
             self._start(self._queue.popleft())
 
     async def _watch_deadlines(self) -> None:
-        """Cancel handlers past their deadline: one timer for all, rather than one per message."""
+        """Cancel handlers past their deadline: one timer for all, rather than one per message.
+
+        It ends once no handler runs and none is queued (an idle host does not wake 20 times a
+        second for nothing); the next handler that has to wait starts it again."""
         while True:
             await asyncio.sleep(DEADLINE_TICK)
+            if not self._inflight and not self._queue:
+                self._watchdog = None
+                return
             now = self._loop.time()
             for task, deadline in list(self._inflight.items()):
                 if deadline <= now and task not in self._expired and not task.done():
@@ -605,9 +611,9 @@ class PluginRuntime:
         """The plugin's handler, under a CONSUMER span when tracing is on."""
         if not _tracing.enabled():  # (the span's attributes are not worth building otherwise: the hot path)
             return await self._invoke(message, job.timeout)
-        group = self.config.name if job.subject == self.subjects.plugin(self.config.name) else None
         with _tracing.consume(job.subject, job.headers, link=job.broadcast, attributes={
-                "messaging.consumer.group.name": group, "messaging.message.id": message.id,
+                "messaging.consumer.group.name": job.ep.queue_group,  # (the plugin's endpoint: its name)
+                "messaging.message.id": message.id,
                 "mesh.operation": message.operation}):
             return await self._invoke(message, job.timeout)
 

@@ -79,7 +79,8 @@ _cache: dict[str, Any] = {"provider": None, "tracer": None, "textmap": None, "fa
 
 
 def _sdk_tracer() -> Tracer:
-    provider = trace.get_tracer_provider()
+    # (the API's global read directly, as in enabled(): its getter reads os.environ on every call)
+    provider = getattr(trace, "_TRACER_PROVIDER", None) or trace.get_tracer_provider()
     if provider is not _cache["provider"]:
         _cache["provider"], _cache["tracer"] = provider, provider.get_tracer("groundhog.mesh")
     tracer: Tracer = _cache["tracer"]
@@ -100,7 +101,7 @@ def _fast_propagation() -> bool:
 def _inject(span: Span) -> dict[str, str]:
     if not _fast_propagation():
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        propagate.inject(carrier, context=trace.set_span_in_context(span))  # (the caller's baggage with it)
         return carrier
     sc = span.get_span_context()
     if not sc.is_valid:
@@ -147,20 +148,41 @@ class _Consume(_Noop):
 _NOOP_PRODUCE, _NOOP_CONSUME = _Noop(), _Consume()
 
 
-class _Active:
-    """A started span made current until exit; an Exception on the way out is recorded on it."""
+class _Produced:
+    """A started PRODUCER span, ended on exit; an Exception on the way out is recorded on it.
 
-    __slots__ = ("base", "span", "token", "value")
+    It is not made current: what runs inside is the mesh's own send (no user code, no span of its
+    own), and its context travels in the headers ``with`` gives. (Attaching it cost a context copy,
+    an attach and a detach per message.)"""
 
-    def __init__(self, span: Span, value: Any, base: Context | None = None) -> None:
+    __slots__ = ("headers", "span")
+
+    def __init__(self, span: Span, headers: dict[str, str]) -> None:
         self.span = span
-        self.value = value
-        self.base = base  # a consumer's extracted context: its baggage reaches the handler
+        self.headers = headers
+
+    def __enter__(self) -> dict[str, str]:
+        return self.headers
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(e, Exception):
+            _failed(self.span, e)
+        self.span.end()
+
+
+class _Active:
+    """A started CONSUMER span made current until exit; an Exception on the way out is recorded on it."""
+
+    __slots__ = ("base", "span", "token")
+
+    def __init__(self, span: Span, base: Context) -> None:
+        self.span = span
+        self.base = base  # the extracted context: its baggage reaches the handler
         self.token: object = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Span:
         self.token = context.attach(trace.set_span_in_context(self.span, self.base))
-        return self.value if self.value is not None else self.span
+        return self.span
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         try:
@@ -178,7 +200,7 @@ def produce(subject: str, *, operation: str = "send",
         return _NOOP_PRODUCE
     span = _sdk_tracer().start_span(f"{operation} {subject}", kind=SpanKind.PRODUCER,
                                     attributes=_attributes(subject, operation, attributes), record_exception=False)
-    return _Active(span, _inject(span))
+    return _Produced(span, _inject(span))
 
 
 def consume(subject: str, headers: Mapping[str, str] | None, *, operation: str = "process", link: bool = False,
@@ -199,7 +221,7 @@ def consume(subject: str, headers: Mapping[str, str] | None, *, operation: str =
     span = _sdk_tracer().start_span(f"{operation} {subject}", context=parent, kind=SpanKind.CONSUMER,
                                     attributes=_attributes(subject, operation, attributes), links=links,
                                     record_exception=False)
-    return _Active(span, None, parent)
+    return _Active(span, parent)
 
 
 def failed(span: Span | None, error: BaseException) -> None:

@@ -167,10 +167,17 @@ async def test_invalid_config_is_refused() -> None:
 async def test_handler_timeout_bounds_a_patient_caller(nc: NATS, prefix: str, registry: object,
                                                        messaging: PluginMessaging) -> None:
     config = Touchy.default_config().merged({"handler_timeout": 0.3})
-    async with PluginRuntime(Touchy(), nc, prefix=prefix, config=config):
+    async with PluginRuntime(Touchy(), nc, prefix=prefix, config=config) as runtime:
         with pytest.raises(RequestTimeout, match=r"did not finish within 0\.3s"):
             await messaging.send_message("touchy", operation="hang", timeout=30)
         await still_serving(messaging)
+        # Idle, the deadline watchdog ends (no wake-ups for nothing); the next slow handler starts it again.
+        async def watchdog_ended() -> bool:
+            return runtime._watchdog is None
+
+        await eventually(watchdog_ended, timeout=5, what="the idle watchdog to end")
+        with pytest.raises(RequestTimeout, match=r"did not finish within 0\.3s"):
+            await messaging.send_message("touchy", operation="hang", timeout=30)
 
 
 async def test_envelope_breaking_operation_names_are_refused(touchy: Any, messaging: PluginMessaging) -> None:
