@@ -30,7 +30,8 @@ in a process that never installed one) and the provider's span processors (none,
 processor). After each ``export`` segment the client's batch processor is flushed, and the flush time
 is added to that segment's elapsed time, so its last partial batch is charged to ``export`` and not
 to the next side. CPU seconds per process (``bench.cpu_seconds``: its CPU-time clock, else
-``/proc/PID/stat``; this process: all its threads, the export thread included) are read around every in-flight segment.
+``/proc/PID/stat``; this process: all its threads, the export thread included) are read around every segment,
+sequential (1 in flight: what the latency is made of) and in flight.
 """
 
 from __future__ import annotations
