@@ -170,25 +170,23 @@ class _Produced:
         self.span.end()
 
 
-class _Active:
+class _Active(_Produced):
     """A started CONSUMER span made current until exit; an Exception on the way out is recorded on it."""
 
-    __slots__ = ("base", "span", "token")
+    __slots__ = ("base", "token")
 
     def __init__(self, span: Span, base: Context) -> None:
-        self.span = span
+        super().__init__(span, _NO_HEADERS)
         self.base = base  # the extracted context: its baggage reaches the handler
         self.token: object = None
 
-    def __enter__(self) -> Span:
+    def __enter__(self) -> Any:
         self.token = context.attach(trace.set_span_in_context(self.span, self.base))
         return self.span
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            if isinstance(e, Exception):
-                _failed(self.span, e)
-            self.span.end()
+            super().__exit__(et, e, tb)
         finally:
             context.detach(self.token)  # type: ignore[arg-type]
 
