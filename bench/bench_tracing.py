@@ -469,13 +469,12 @@ def print_report(table: list[Row], b: TracingBench, machine: dict[str, Any]) -> 
     print()
     print(f"CPU per request at {c.concurrency} in flight (us, bench.cpu_seconds; client = this process, all threads):")
     print(f"  {'side':<9}" + "".join(f"{role:>15}" for role in (*ROLES, "total")))
-    for side in SIDES:
-        per = cpu_per_request(b.sides[side])
-        print(f"  {side:<9}" + "".join(f"{per[role]:>15.1f}" for role in (*ROLES, "total")))
-    print("CPU per request at 1 in flight (us; the export thread's batches included, its last flush not):")
-    for side in SIDES:
-        per = cpu_per_request(b.sides[side], sequential=True)
-        print(f"  {side:<9}" + "".join(f"{per[role]:>15.1f}" for role in (*ROLES, "total")))
+    for one_in_flight in (False, True):
+        if one_in_flight:
+            print("CPU per request at 1 in flight (us; the export thread's batches included, its last flush not):")
+        for side in SIDES:
+            per = cpu_per_request(b.sides[side], one_in_flight)
+            print(f"  {side:<9}" + "".join(f"{per[role]:>15.1f}" for role in (*ROLES, "total")))
     flushes = b.sides["export"].flush_s
     if flushes:
         print(f"client flush after each export segment: median {statistics.median(flushes) * 1e3:.1f} ms "

@@ -36,12 +36,11 @@ async def test_killing_the_node_a_plugin_uses_and_its_bucket_leader_loses_no_ack
     try:
         await eventually(lambda: _at_least(tally, before + 100), timeout=60, what="answers after the kill")
     except AssertionError as exc:  # (seen once, on 3.13 in a loaded CI run: say what the caller and the plugin saw)
-        stop.set()
-        await asyncio.wait_for(traffic, 30)
         raise AssertionError(f"{exc}; {tally.line('after the kill')}; the keeper's log ends: "
                              f"{keeper.log_text()[-3000:]}") from None
-    stop.set()
-    await asyncio.wait_for(traffic, 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(traffic, 30)
     report(tally.line("kill -9 of the plugin's node, leading its bucket"))
 
     moved = (await messaging.send_message("keeper", {}, operation="where")).result["port"]
