@@ -198,6 +198,7 @@ class ClientTracing:
         self.use("off")
 
     def use(self, side: str) -> None:
+        _tracing.flush()  # (spans the mesh makes after their request: made for the side that sent them)
         if side in ("raw", "off"):
             trace._TRACER_PROVIDER = None  # what a process that never installed a provider has
         else:
@@ -209,6 +210,7 @@ class ClientTracing:
     def flush(self) -> float:
         """Export what the batch processor holds; the seconds it took."""
         start = time.perf_counter()
+        _tracing.flush()
         if not self.batch.force_flush(30_000):
             raise RuntimeError("the client's span export did not finish within 30 s")
         return time.perf_counter() - start

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from plugin_sdk import ConfigError
+from plugin_sdk.host import tracing
 
 # The OpenTelemetry SDK is imported only when tracing or metrics are turned on: with them off
 # (the default) a plugin host does without it (docs/performance.md: idle host memory).
@@ -142,6 +143,7 @@ def setup_tracing(service_name: str, *, version: str = "", instance_id: str = ""
     target = endpoint or exporter_name
 
     def flush() -> None:
+        tracing.flush()  # the spans the mesh has still to make (plugin_sdk._tracing: made after their message)
         with _quiet_exporters():
             finished = _bounded("traces", provider.shutdown, exporter.shutdown)
         if not finished:

@@ -222,9 +222,14 @@ class MeshClient(Client):
             return False
         if not headers:
             hdr = None
-        elif (headers.startswith(_ENVELOPE_ONLY) and headers.endswith(b"\r\n\r\n")
-              and headers.find(b"\r\n", _ENVELOPE_AT) == len(headers) - 4):  # (a request's or an event's block)
-            hdr = {H_ENVELOPE: headers[_ENVELOPE_AT:-4].strip().decode("utf-8", "replace")}
+        elif headers.startswith(_ENVELOPE_ONLY) and headers.endswith(b"\r\n\r\n") and (
+                (eol := headers.find(b"\r\n", _ENVELOPE_AT)) == len(headers) - 4
+                or (headers.startswith(_TRACEPARENT_LINE, eol + 2)
+                    and headers.find(b"\r\n", eol + 2) == len(headers) - 4)):
+            # (a request's or an event's block: its envelope alone, or with the sender's trace context)
+            hdr = {H_ENVELOPE: headers[_ENVELOPE_AT:eol].strip().decode("utf-8", "replace")}
+            if eol != len(headers) - 4:
+                hdr["traceparent"] = headers[eol + 2 + len(_TRACEPARENT_LINE):-4].strip().decode("utf-8", "replace")
         elif headers[8:10] == b"\r\n" and len(headers) > 10:  # (the usual block: _process_headers, inline)
             hdr = parse_header_lines(headers[10:]) or None
         else:
@@ -519,6 +524,7 @@ class MeshClient(Client):
 #: read as ``parse_header_lines`` reads it, in one slice (property-tested).
 _ENVELOPE_ONLY: Final = f"NATS/1.0\r\n{H_ENVELOPE}: ".encode()
 _ENVELOPE_AT: Final = len(_ENVELOPE_ONLY)
+_TRACEPARENT_LINE: Final = b"traceparent:"  # (the line a traced request adds to its envelope)
 
 DirectHandler = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
 

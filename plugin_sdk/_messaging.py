@@ -370,6 +370,9 @@ class PluginMessaging:
         if metadata and (valid := Message(metadata=metadata).metadata):
             lines += f"{H_METADATA}: {pydantic_core.to_json(valid).decode()}\r\n"
         if extra:  # (trace context: traceparent, tracestate)
+            if len(extra) == 1 and (tp := extra.get("traceparent")) is not None and "\r" not in tp \
+                    and "\n" not in tp and tp == tp.strip():  # (the usual one: header_block's line, as is)
+                return f"{lines}traceparent: {tp}\r\n\r\n".encode()
             return lines.encode() + header_block(extra)[10:]
         return f"{lines}\r\n".encode()
 

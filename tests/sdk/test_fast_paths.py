@@ -154,6 +154,9 @@ def test_the_direct_envelope_is_the_message_envelope(target: str, operation: str
     assert m._event_block(mid, meta, trace) == header_block({**expected, **trace})
     assert m._request_block(mid, kind, operation, timeout, meta, trace) == header_block(
         {**request_headers(message, timeout=timeout), **trace})
+    for value in (trace["traceparent"], f" {trace['traceparent']}", "00-a\r\nInjected: 1", "x\n", "", mid):
+        assert m._request_block(mid, kind, operation, timeout, meta, {"traceparent": value}) == header_block(
+            {**request_headers(message, timeout=timeout), "traceparent": value})
 
 
 @settings(max_examples=500, deadline=None)
@@ -259,7 +262,10 @@ async def test_the_reader_hands_over_what_nats_pys_parser_does(items: list[bytes
 
 
 @settings(max_examples=500, deadline=None)
-@given(header_lines | st.binary(max_size=40), st.sampled_from([b"", b" 503", b"\r\nMesh: ", b"\r\nMesh:"]),
+@given(header_lines | st.binary(max_size=40), st.sampled_from([b"", b" 503", b"\r\nMesh: ", b"\r\nMesh:",
+                                                             b"\r\nMesh: 1;id=a\r\ntraceparent: ",
+                                                             b"\r\nMesh: 1;id=a\r\ntraceparent:00-",
+                                                             b"\r\nMesh:\r\ntraceparent :"]),
        st.sampled_from([b"\r\n\r\n", b"\r\n", b""]))
 def test_the_direct_path_reads_a_header_block_as_nats_py_does(raw: bytes, head: bytes, end: bytes) -> None:
     from plugin_sdk._connection import MeshClient
