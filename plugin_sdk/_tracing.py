@@ -352,46 +352,53 @@ class _Replay:
         ``NonRecordingSpan`` it would return for a trace not sampled)."""
         parent = trace.get_current_span(ctx).get_span_context() if ctx else None  # (empty: no span, no baggage)
         if parent is None or not parent.is_valid:
-            return self._begin(_Deferred(self, SpanKind.PRODUCER, operation, subject, attributes, ctx, None, None),
-                               None, None)
-        return self._begin(_Deferred(self, SpanKind.PRODUCER, operation, subject, attributes, ctx, parent, None),
-                           parent.trace_id, int(parent.trace_flags))
+            return self._begin(SpanKind.PRODUCER, operation, subject, attributes, ctx, None, None, None, None)
+        return self._begin(SpanKind.PRODUCER, operation, subject, attributes, ctx, parent, None, parent.trace_id,
+                           int(parent.trace_flags))
 
     def consumed(self, remote: tuple[int, int, int] | None, operation: str, subject: str,
                  attributes: Mapping[str, Any] | None, link: bool) -> Span:
         """The CONSUMER span, child of the ``remote`` producer (trace id, span id, flags; ``None``: a root),
         as :meth:`produced`."""
-        d = _Deferred(self, SpanKind.CONSUMER, operation, subject, attributes, None, None, remote)
-        if link:
-            d.link = True
-        return self._begin(d, None, None) if remote is None else self._begin(d, remote[0], remote[2])
+        if remote is None:
+            return self._begin(SpanKind.CONSUMER, operation, subject, attributes, None, None, None, None, None)
+        return self._begin(SpanKind.CONSUMER, operation, subject, attributes, None, None, remote, remote[0],
+                           remote[2], link)
 
-    def _begin(self, d: _Deferred, trace_id: int | None, parent_flags: int | None) -> Span:
+    def _begin(self, kind: SpanKind, operation: str, subject: str, attributes: Mapping[str, Any] | None,
+               ctx: Context | None, parent: SpanContext | None, remote: tuple[int, int, int] | None,
+               trace_id: int | None, parent_flags: int | None, link: bool = False) -> Span:
         ids = self.ids.inner
         if trace_id is None or parent_flags is None:  # a root
             trace_id = ids.generate_trace_id()
             flags = _RANDOM if self.random else 0
             sampled = None
         else:
-            d.root = False
             flags = parent_flags & _RANDOM
             sampled = bool(parent_flags & _SAMPLED)
         decide = self.decide
         if decide is not None:
-            sampled = decide(sampled, trace_id)
-            if not sampled:  # (the standard samplers drop what they do not sample)
+            if not decide(sampled, trace_id):  # (the standard samplers drop what they do not sample)
                 return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False,
-                                                    trace_flags=TraceFlags(flags), trace_state=d.trace_state))
+                                                    trace_flags=TraceFlags(flags),
+                                                    trace_state=None if parent is None else parent.trace_state))
+            d = _Deferred(self, kind, operation, subject, attributes, ctx, parent, remote)
         else:  # a sampler of the user's own: asked now, its answer given back when the span is made
-            d.result = result = self.sampler.inner.should_sample(d.context_for_sdk(), trace_id, d.name, d.kind,
+            d = _Deferred(self, kind, operation, subject, attributes, ctx, parent, remote)
+            d.link = link
+            d.result = result = self.sampler.inner.should_sample(d.context_for_sdk(), trace_id, d.name, kind,
                                                                  d.attributes, d.links)
-            sampled = result.decision.is_sampled()
             d.trace_state = result.trace_state
+            if result.decision.is_sampled():
+                flags |= _SAMPLED
             if not result.decision.is_recording():
                 return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False,
-                                                    trace_flags=TraceFlags(flags | (_SAMPLED if sampled else 0)),
-                                                    trace_state=result.trace_state))
-        d.trace_id, d.span_id, d.flags = trace_id, ids.generate_span_id(), flags | _SAMPLED if sampled else flags
+                                                    trace_flags=TraceFlags(flags), trace_state=result.trace_state))
+        if sampled is not None:
+            d.root = False
+        if link:
+            d.link = True
+        d.trace_id, d.span_id, d.flags = trace_id, ids.generate_span_id(), flags if decide is None else flags | _SAMPLED
         return d
 
     def later(self, span: _Deferred) -> None:
