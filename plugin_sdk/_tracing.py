@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import logging
 import os
+import random
 import re
 import sys
 import threading
@@ -201,8 +202,9 @@ class _Active(_Produced):
 
     __slots__ = ("base", "token")
 
-    def __init__(self, span: Span, base: Context) -> None:
-        super().__init__(span, _NO_HEADERS)
+    def __init__(self, span: Span, base: Context) -> None:  # (no super(): a call less per message)
+        self.span = span
+        self.headers = _NO_HEADERS
         self.base = base  # the extracted context: its baggage reaches the handler
         self.token: object = None
 
@@ -212,7 +214,9 @@ class _Active(_Produced):
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            super().__exit__(et, e, tb)
+            if isinstance(e, Exception):
+                _failed(self.span, e)
+            self.span.end()
         finally:
             context.detach(self.token)  # type: ignore[arg-type]
 
@@ -301,9 +305,10 @@ def _root_decision(description: str) -> Any:
     return None
 
 
-def _decision(sampler: Any) -> Any:
-    """``(parent sampled or None for a root, trace_id) -> sampled`` of one of the SDK's standard samplers,
-    computed as it computes it; ``None`` for any other sampler (it is then asked, on the spot)."""
+def _decision(sampler: Any) -> tuple[Any, bool] | None:
+    """How one of the SDK's standard samplers decides, computed as it computes it: ``(root, parent_based)``,
+    ``root(trace_id) -> sampled`` for a span without a parent, and whether a span with one follows its
+    parent's flag instead; ``None`` for any other sampler (it is then asked, on the spot)."""
     if type(sampler).__module__ != "opentelemetry.sdk.trace.sampling":
         return None
     try:
@@ -312,11 +317,9 @@ def _decision(sampler: Any) -> Any:
         return None
     if description.startswith("ParentBased{root:") and description.endswith(_STANDARD_DELEGATES):
         root = _root_decision(description[len("ParentBased{root:"):-len(_STANDARD_DELEGATES)])
-        if root is None:
-            return None
-        return lambda parent, trace_id: root(trace_id) if parent is None else parent
+        return None if root is None else (root, True)
     root = _root_decision(description)
-    return None if root is None else (lambda parent, trace_id: root(trace_id))
+    return None if root is None else (root, False)
 
 
 class _Replay:
@@ -326,8 +329,14 @@ class _Replay:
         self.tracer = tracer
         self.ids = _PrimedIds(tracer.id_generator)
         self.sampler = _PrimedSampler(tracer.sampler)
-        self.decide = _decision(tracer.sampler)
+        decision = _decision(tracer.sampler)
+        self.decide: Any = None if decision is None else decision[0]
+        self.parent_based = decision is not None and decision[1]
         self.random = self.ids.is_trace_id_random()
+        # (the SDK's own generator draws from ``random``: drawn here directly, a call less per id)
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+        self.bits = random.getrandbits if type(self.ids.inner) is RandomIdGenerator else None
         tracer.id_generator, tracer.sampler = self.ids, self.sampler
         self.queue: deque[_Deferred] = deque()
         self.lock = threading.RLock()  # (one span primed and made at a time; a processor may start its own)
@@ -368,9 +377,9 @@ class _Replay:
     def _begin(self, kind: SpanKind, operation: str, subject: str, attributes: Mapping[str, Any] | None,
                ctx: Context | None, parent: SpanContext | None, remote: tuple[int, int, int] | None,
                trace_id: int | None, parent_flags: int | None, link: bool = False) -> Span:
-        ids = self.ids.inner
+        ids, bits = self.ids.inner, self.bits
         if trace_id is None or parent_flags is None:  # a root
-            trace_id = ids.generate_trace_id()
+            trace_id = (bits(128) if bits is not None else 0) or ids.generate_trace_id()
             flags = _RANDOM if self.random else 0
             sampled = None
         else:
@@ -378,7 +387,8 @@ class _Replay:
             sampled = bool(parent_flags & _SAMPLED)
         decide = self.decide
         if decide is not None:
-            if not decide(sampled, trace_id):  # (the standard samplers drop what they do not sample)
+            if not (sampled if sampled is not None and self.parent_based else decide(trace_id)):
+                # (the standard samplers drop what they do not sample)
                 return NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), is_remote=False,
                                                     trace_flags=TraceFlags(flags),
                                                     trace_state=None if parent is None else parent.trace_state))
@@ -398,7 +408,8 @@ class _Replay:
             d.root = False
         if link:
             d.link = True
-        d.trace_id, d.span_id, d.flags = trace_id, ids.generate_span_id(), flags if decide is None else flags | _SAMPLED
+        d.trace_id, d.flags = trace_id, flags if decide is None else flags | _SAMPLED
+        d.span_id = (bits(64) if bits is not None else 0) or ids.generate_span_id()
         return d
 
     def later(self, span: _Deferred) -> None:
@@ -631,6 +642,12 @@ def _hot() -> _Replay | None:
 def produce(subject: str, *, operation: str = "send",
             attributes: Mapping[str, Any] | None = None) -> AbstractContextManager[dict[str, str]]:
     """A PRODUCER span ``"<operation> <subject>"``; ``with`` gives the headers that carry its context."""
+    hot = _cache["hot"]  # (the usual case first, tracing on and deferred: the provider seen last time)
+    if getattr(trace, "_TRACER_PROVIDER", None) is hot[0] and hot[2] is not None and not hot[2].broken \
+            and propagate.get_global_textmap() is hot[1]:
+        ctx = context.get_current()
+        span = hot[2].produced(ctx, operation, subject, attributes)
+        return _Produced(span, _traceparent(span, ctx))
     if not enabled():
         return _NOOP_PRODUCE
     replay = _hot()
@@ -650,6 +667,14 @@ def consume(subject: str, headers: Mapping[str, str] | None, *, operation: str =
     With ``link`` the span also links to the producer (events, broadcast replies). User spans
     started inside nest under it.
     """
+    hot = _cache["hot"]  # (as in produce)
+    if getattr(trace, "_TRACER_PROVIDER", None) is hot[0] and hot[2] is not None and not hot[2].broken \
+            and propagate.get_global_textmap() is hot[1]:
+        if not headers:
+            return _Active(hot[2].consumed(None, operation, subject, attributes, link), _EMPTY)
+        if "tracestate" not in headers and "baggage" not in headers:
+            return _Active(hot[2].consumed(_remote_ids(headers.get("traceparent")), operation, subject, attributes,
+                                           link), _EMPTY)
     if not enabled():
         return _NOOP_CONSUME
     replay = _hot()
