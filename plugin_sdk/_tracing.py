@@ -421,7 +421,13 @@ class _Replay:
             return
         if self.armed is not loop:
             self.armed = loop
-            loop.call_soon(loop.call_soon, self.drain)  # after this turn and the next: the message is written
+            if isinstance(loop, asyncio.BaseEventLoop):
+                # A timer due now: asyncio moves it to the ready queue at the start of the next turn,
+                # behind what this turn made ready (the flusher, woken to write the message): the
+                # spans are made after the write, in that turn, with no turn of their own.
+                loop.call_later(0, self.drain)
+            else:  # (another loop, uvloop: after this turn and the next)
+                loop.call_soon(loop.call_soon, self.drain)
 
     def drain(self) -> None:
         self.armed = None
