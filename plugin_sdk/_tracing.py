@@ -43,6 +43,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from ._wire import bounded
+
 __all__ = ["consume", "enabled", "flush", "produce"]
 
 log = logging.getLogger(__name__)
@@ -456,13 +458,8 @@ class _Replay:
             d.made(span)
         except Exception as exc:  # a span processor failed: this span is lost (logged), not the others
             self.failures += 1
-            log.warning("could not record span %r: %s: %s", d.name, type(exc).__name__, bounded_text(exc),
+            log.warning("could not record span %r: %s: %s", d.name, type(exc).__name__, bounded(str(exc)),
                         exc_info=self.failures == 1)
-
-
-def bounded_text(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 _DEFER_OFF = os.environ.get("MESH_TRACE_DEFER", "1").strip().lower() in ("0", "false", "no", "off")
