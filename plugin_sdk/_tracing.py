@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.attributes import BoundedAttributes
@@ -144,7 +144,12 @@ def _remote(raw: str | None) -> SpanContext | None:
     """The producer's span context in a ``traceparent`` value; ``None`` for none or an invalid one (what
     the W3C propagator then does: no parent)."""
     ids = _remote_ids(raw)
-    return None if ids is None else SpanContext(ids[0], ids[1], is_remote=True, trace_flags=TraceFlags(ids[2]))
+    return None if ids is None else _remote_context(ids)
+
+
+def _remote_context(ids: tuple[int, int, int]) -> SpanContext:
+    """The producer's span context of :func:`_remote_ids`'s trace id, span id and flags."""
+    return SpanContext(ids[0], ids[1], is_remote=True, trace_flags=TraceFlags(ids[2]))
 
 
 def _remote_ids(raw: str | None) -> tuple[int, int, int] | None:
@@ -495,8 +500,7 @@ class _Deferred(Span):
     def parent(self) -> SpanContext | None:
         """The parent's span context (``None``: a root), as the SDK's span has it."""
         if self._parent_sc is None and self.remote is not None:
-            trace_id, span_id, flags = self.remote
-            self._parent_sc = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            self._parent_sc = _remote_context(self.remote)
         return self._parent_sc
 
     @property
@@ -629,32 +633,28 @@ def _traceparent(span: Span, ctx: Context | None) -> dict[str, str]:
     return carrier
 
 
-def _hot() -> _Replay | None:
-    """The deferred-span maker when spans can be deferred and the default propagators are in use (the
-    usual case: checked against two globals per message), else ``None``."""
-    key = _cache["hot"]
-    if getattr(trace, "_TRACER_PROVIDER", None) is key[0] and propagate.get_global_textmap() is key[1] \
-            and key[0] is not None:
-        replay: _Replay | None = key[2]
-    else:
-        replay = _replay() if _fast_propagation() else None
-        _cache["hot"] = (getattr(trace, "_TRACER_PROVIDER", None), propagate.get_global_textmap(), replay)
-    return None if replay is None or replay.broken else replay
+def _deferring() -> _Replay | Literal[False] | None:
+    """The deferred-span maker when spans can be deferred and the default propagators are in use;
+    ``None``: tracing is on but spans are made on the spot; ``False``: tracing is off. The usual case
+    costs two globals compared with the ones seen last time (inlined in :func:`produce` and
+    :func:`consume`); this is the look-up behind it."""
+    if not enabled():
+        return False
+    replay = _replay() if _fast_propagation() else None
+    _cache["hot"] = (getattr(trace, "_TRACER_PROVIDER", None), propagate.get_global_textmap(), replay)
+    return replay
 
 
 def produce(subject: str, *, operation: str = "send",
             attributes: Mapping[str, Any] | None = None) -> AbstractContextManager[dict[str, str]]:
     """A PRODUCER span ``"<operation> <subject>"``; ``with`` gives the headers that carry its context."""
-    hot = _cache["hot"]  # (the usual case first, tracing on and deferred: the provider seen last time)
-    if getattr(trace, "_TRACER_PROVIDER", None) is hot[0] and hot[2] is not None and not hot[2].broken \
-            and propagate.get_global_textmap() is hot[1]:
-        ctx = context.get_current()
-        span = hot[2].produced(ctx, operation, subject, attributes)
-        return _Produced(span, _traceparent(span, ctx))
-    if not enabled():
+    hot = _cache["hot"]  # (the usual case first: the provider and propagator seen last time)
+    provider = getattr(trace, "_TRACER_PROVIDER", None)
+    replay = hot[2] if provider is hot[0] and provider is not None and propagate.get_global_textmap() is hot[1] \
+        else _deferring()
+    if replay is False:
         return _NOOP_PRODUCE
-    replay = _hot()
-    if replay is not None:
+    if replay is not None and not replay.broken:
         ctx = context.get_current()
         span = replay.produced(ctx, operation, subject, attributes)
         return _Produced(span, _traceparent(span, ctx))
@@ -671,18 +671,14 @@ def consume(subject: str, headers: Mapping[str, str] | None, *, operation: str =
     started inside nest under it.
     """
     hot = _cache["hot"]  # (as in produce)
-    if getattr(trace, "_TRACER_PROVIDER", None) is hot[0] and hot[2] is not None and not hot[2].broken \
-            and propagate.get_global_textmap() is hot[1]:
-        if not headers:
-            return _Active(hot[2].consumed(None, operation, subject, attributes, link), _EMPTY)
-        if "tracestate" not in headers and "baggage" not in headers:
-            return _Active(hot[2].consumed(_remote_ids(headers.get("traceparent")), operation, subject, attributes,
-                                           link), _EMPTY)
-    if not enabled():
+    provider = getattr(trace, "_TRACER_PROVIDER", None)
+    replay = hot[2] if provider is hot[0] and provider is not None and propagate.get_global_textmap() is hot[1] \
+        else _deferring()
+    if replay is False:
         return _NOOP_CONSUME
-    replay = _hot()
-    if replay is not None and (not headers or ("tracestate" not in headers and "baggage" not in headers)):
-        remote = _remote_ids(headers.get("traceparent") if headers else None)
+    if replay is not None and not replay.broken and (
+            not headers or ("tracestate" not in headers and "baggage" not in headers)):
+        remote = _remote_ids(headers.get("traceparent")) if headers else None
         return _Active(replay.consumed(remote, operation, subject, attributes, link), _EMPTY)
     parent = _extract(headers)
     links = []
